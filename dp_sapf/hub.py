@@ -1,0 +1,86 @@
+"""The model card (with the privacy figures in its YAML and its text) and the push of a finished run.
+
+Only release files go to the Hub: never checkpoints (they hold the optimizer state and the secret DP seed)
+and never logs (the logged training loss is not differentially private).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+RELEASE_PATTERNS = ("pytorch_lora_weights.safetensors", "README.md", "privacy_report.json", "saliency_mask.json",
+                    "validation_grid.png", "model_index.json", "*/config.json", "*/*.safetensors", "*/*.json",
+                    "*/*.txt")
+PRIVATE_PATTERNS = ("checkpoint-*", "logs", "logs/*", "run_status.json")
+
+
+def release_files(output_dir: str) -> list[str]:
+    """Relative paths of the files a finished run may publish."""
+    out = []
+    for root, dirs, files in os.walk(output_dir):
+        rel_root = os.path.relpath(root, output_dir)
+        dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(os.path.normpath(os.path.join(rel_root, d)), p)
+                                              for p in PRIVATE_PATTERNS)]
+        for f in files:
+            rel = os.path.normpath(os.path.join(rel_root, f))
+            if any(fnmatch.fnmatch(rel, p) for p in RELEASE_PATTERNS) and not any(
+                    fnmatch.fnmatch(rel, p) for p in PRIVATE_PATTERNS):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, report: dict,
+                     class_prompts: list[str], has_lora: bool, image_file: str | None = None) -> str:
+    """README.md in diffusers' format (`load_or_create_model_card` + `populate_model_card`) with DP metadata."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    eps, delta = report["epsilon"], report["delta"]
+    split = report.get("budget_split", {})
+    mask = report.get("mask") or {}
+    load = (f"pipe.load_lora_weights(\"{repo_id or output_dir}\")" if has_lora
+            else "# the folder is a full pipeline: load it with from_pretrained")
+    privacy_text = (
+        f"# DP-SAPF fine-tune of {base_model}\n\n"
+        f"Trained with differential privacy: **(ε = {eps:.4g}, δ = {delta:.3g})** for add/remove of one training "
+        f"image, accountant `{report['accountant']}`, composed over the saliency selection and DP-SGD.\n\n"
+        f"| stage | figure |\n|---|---|\n"
+        f"| saliency selection | σ_s = {report.get('selection_noise_multiplier')}, scorer {mask.get('scorer', 'none')}, "
+        f"ε alone = {split.get('epsilon_selection_only', 0):.4g} |\n"
+        f"| DP-SGD | σ = {report['noise_multiplier']:.4g}, C = {report['max_grad_norm']}, q = {report['sample_rate']:.4g}, "
+        f"T = {report['steps']}, ε alone = {split.get('epsilon_training_only', 0):.4g} |\n"
+        f"| selection share of the budget | {split.get('selection_share', 0):.1%} |\n\n"
+        f"Trainable matrices: {mask.get('num_selected', 'see privacy_report.json')} "
+        f"({report.get('train_mode')}, {report.get('lora_target')}). Dataset size N = {report['dataset_size']}.\n\n"
+        "Class prompts:\n" + "".join(f"- {p}\n" for p in class_prompts) +
+        "\n## How to use\n```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n"
+        f"pipe = StableDiffusionPipeline.from_pretrained(\"{base_model}\")\n{load}\n"
+        f"image = pipe(\"{class_prompts[0]}\").images[0]\n```\n\n"
+        "The guarantee covers these weights and anything generated from them. It does not cover training logs "
+        "(the logged loss is not private) or checkpoints, which are never uploaded.\n"
+    )
+    widget = [{"text": class_prompts[0], "output": {"url": image_file}}] if image_file else None
+    card = load_or_create_model_card(repo_id_or_path=repo_id or output_dir, from_training=True,
+                                     base_model=base_model, model_description=privacy_text,
+                                     license="creativeml-openrail-m", widget=widget, inference=True)
+    card = populate_model_card(card, tags=["stable-diffusion", "text-to-image", "diffusers", "diffusers-training",
+                                           "lora" if has_lora else "full-finetune", "dp-sapf", "differential-privacy"])
+    card.data.differential_privacy = {
+        "epsilon": eps, "delta": delta, "accountant": report["accountant"], "noise_multiplier": report["noise_multiplier"],
+        "selection_noise_multiplier": report.get("selection_noise_multiplier"), "max_grad_norm": report["max_grad_norm"],
+        "sample_rate": report["sample_rate"], "steps": report["steps"], "dataset_size": report["dataset_size"],
+        "selection_share": split.get("selection_share"), "neighbouring": "add/remove one image",
+    }
+    path = os.path.join(output_dir, "README.md")
+    card.save(path)
+    return path
+
+
+def push_to_hub(output_dir: str, repo_id: str, token: str | None = None) -> str:
+    """create_repo + upload_folder of the release files only."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=output_dir, allow_patterns=release_files(output_dir), token=token,
+                  commit_message="DP-SAPF training result")
+    return repo_id

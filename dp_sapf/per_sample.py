@@ -1,0 +1,163 @@
+"""Per-sample gradients, the joint clip, the clipped sum, its reduction across processes and the Gaussian noise.
+
+Two per-sample engines, each tested against a batch-1 loop:
+- `LinearPerSampleHooks` (written here): a forward hook keeps each nn.Linear's input and a tensor hook on its
+  output receives the output gradient; the per-sample weight gradient is one batched matmul in fp32. We write
+  it by hand because opacus' GradSampleModule fails under bf16 autocast with torch >= 2.11 (DESIGN §4), and
+  it materialises only the per-sample gradients of the hooked layers (LoRA-sized for LoRA).
+- opacus' `GradSampleModule` (any layer type, fp32 only): used for `--train_mode full`, where Conv2d and
+  GroupNorm weights are trainable too.
+
+`ClippedGradientSum` is the privacy core shared by the selection and training: clip each sample's gradient
+jointly over all tensors to norm C, sum, all-reduce the sums across processes, then add N(0, σ²C²) exactly
+once, from a generator seeded identically on every rank so that all ranks add the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn as nn
+
+
+class LinearPerSampleHooks:
+    """Collect per-sample gradients of the weights (and biases) of chosen nn.Linear modules.
+
+    Works under any autocast dtype: the saved input and the incoming output gradient are upcast to fp32
+    before the per-sample product. Use as a context manager around forward+backward of a summed loss.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], include_bias: bool = True):
+        self.modules = modules
+        self.include_bias = include_bias
+        self.grad_samples: dict[nn.Parameter, torch.Tensor] = {}
+        self._handles = []
+
+    def params(self) -> list[nn.Parameter]:
+        """The tensors whose per-sample gradients are collected, in a fixed order."""
+        out = []
+        for m in self.modules.values():
+            out.append(m.weight)
+            if self.include_bias and m.bias is not None and m.bias.requires_grad:
+                out.append(m.bias)
+        return out
+
+    def __enter__(self):
+        for module in self.modules.values():
+            self._handles.append(module.register_forward_hook(self._forward_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def pop(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Hand over the per-sample gradients of the last backward and forget them."""
+        out, self.grad_samples = self.grad_samples, {}
+        return out
+
+    def _forward_hook(self, module: nn.Linear, inputs, output):
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        activation = inputs[0].detach()
+
+        def on_output_grad(grad_output: torch.Tensor):
+            x = activation.float().reshape(activation.shape[0], -1, activation.shape[-1])
+            g = grad_output.float().reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+            self._accumulate(module.weight, torch.bmm(g.transpose(1, 2), x))
+            if self.include_bias and module.bias is not None and module.bias.requires_grad:
+                self._accumulate(module.bias, g.sum(1))
+
+        output.register_hook(on_output_grad)
+
+    def _accumulate(self, param: nn.Parameter, grad_sample: torch.Tensor) -> None:
+        if param in self.grad_samples:  # a module called twice in one forward
+            self.grad_samples[param] = self.grad_samples[param] + grad_sample
+        else:
+            self.grad_samples[param] = grad_sample
+
+
+def opacus_grad_samples(params: list[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
+    """Take (and clear) the `grad_sample` that opacus' GradSampleModule left on each parameter."""
+    out = {}
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            raise RuntimeError("A trainable tensor got no per-sample gradient from opacus.")
+        out[p] = gs.float()
+        p.grad_sample = None
+    return out
+
+
+def seeded_generator(seed: int, *keys, device="cpu") -> torch.Generator:
+    """A generator seeded from (seed, *keys), the same on every process: per-step streams that survive resume."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+class ClippedGradientSum:
+    """Σ_i clip_C(g_i) over the samples of one logical batch, with per-tensor sums of squared clipped norms.
+
+    clip_C(g) = g · min(1, C / ‖g‖) with ‖g‖ the joint norm over all tensors; a sample whose gradient is not
+    finite contributes zero (still within the sensitivity C, and decided per sample).
+    """
+
+    def __init__(self, params: list[torch.Tensor], max_grad_norm: float, track_squared_norms: bool = False):
+        if max_grad_norm <= 0:
+            raise ValueError("max_grad_norm must be > 0.")
+        self.params = list(params)
+        self.max_grad_norm = float(max_grad_norm)
+        self.track_squared_norms = track_squared_norms
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new logical batch."""
+        self.sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
+        self.squared_norm_sums = torch.zeros(len(self.params), dtype=torch.float32, device=self._device())
+        self.num_samples = 0
+
+    def _device(self):
+        return self.params[0].device if self.params else torch.device("cpu")
+
+    def add(self, grad_samples: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Clip each sample jointly and add it to the sums; returns the unclipped per-sample norms (B,)."""
+        missing = [i for i, p in enumerate(self.params) if p not in grad_samples]
+        if missing:
+            raise RuntimeError(f"{len(missing)} trainable tensors got no per-sample gradient (are they used in the "
+                               "forward pass, with hooks active?).")
+        per_tensor = torch.stack([grad_samples[p].flatten(1).float().pow(2).sum(1) for p in self.params], dim=1)
+        norms = per_tensor.sum(1).sqrt()
+        finite = torch.isfinite(norms)
+        factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+        for total, p in zip(self.sums, self.params):
+            gs = torch.nan_to_num(grad_samples[p].float(), nan=0.0, posinf=0.0, neginf=0.0)
+            total.add_(torch.einsum("b,b...->...", factors, gs))
+        if self.track_squared_norms:
+            clean = torch.where(finite[:, None], per_tensor, torch.zeros_like(per_tensor))
+            self.squared_norm_sums.add_((factors[:, None] ** 2 * clean).sum(0))
+        self.num_samples += int(norms.shape[0])
+        return norms
+
+    def all_reduce(self, accelerator=None) -> None:
+        """Sum the clipped sums over processes (each process clipped only its own samples)."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return
+        flat = torch.cat([s.flatten() for s in self.sums] + [self.squared_norm_sums])
+        flat = accelerator.reduce(flat, reduction="sum")
+        offset = 0
+        for s in self.sums:
+            s.copy_(flat[offset:offset + s.numel()].view_as(s))
+            offset += s.numel()
+        self.squared_norm_sums.copy_(flat[offset:])
+
+    def noisy_sums(self, noise_multiplier: float, generator: torch.Generator | None) -> list[torch.Tensor]:
+        """The sums plus N(0, (σ·C)²) per coordinate; call after `all_reduce`, with the same generator on all ranks."""
+        if noise_multiplier == 0:
+            return [s.clone() for s in self.sums]
+        std = noise_multiplier * self.max_grad_norm
+        return [s + std * torch.randn(s.shape, generator=generator, device=generator.device,
+                                       dtype=torch.float32).to(s.device) for s in self.sums]

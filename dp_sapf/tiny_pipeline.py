@@ -1,0 +1,127 @@
+"""The embedded default model: a small Stable Diffusion pipeline built offline from seeded configs.
+
+    python -m dp_sapf.tiny_pipeline --output_dir runs/tiny-sd [--seed 0]
+
+It is an ordinary diffusers folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json) that
+`StableDiffusionPipeline.from_pretrained` loads exactly as it loads SD-v1.5; only the sizes differ
+(32-px images, 8x8 latents). Its tokenizer is the real CLIP BPE tokenizer, rebuilt from the vocabulary
+file that ships inside the open-clip-torch package, so any English prompt tokenizes as in SD-v1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import html
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS, CLIP_EOS = 49406, 49407
+
+
+def clip_vocabulary_file() -> str:
+    """Path of open_clip's bpe_simple_vocab_16e6.txt.gz, found without importing open_clip (it needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    path = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz") if spec and spec.origin else None
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError("The CLIP BPE vocabulary ships with open-clip-torch: "
+                                "`pip install --no-deps open-clip-torch`.")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (the first 256 vocabulary entries)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_tokenizer_files(directory: str) -> tuple[str, str]:
+    """Write vocab.json and merges.txt as open_clip's SimpleTokenizer builds its vocabulary (49408 entries)."""
+    with gzip.open(clip_vocabulary_file()) as f:
+        lines = html.unescape(f.read().decode("utf-8")).split("\n")
+    merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
+    os.makedirs(directory, exist_ok=True)
+    vocab_path, merges_path = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(merges_path, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab_path, merges_path
+
+
+def build_components(seed: int = 0) -> dict:
+    """The pipeline's parts from seeded configs, shaped like diffusers' `get_dummy_components` (32-px images)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=32)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS,
+        pad_token_id=CLIP_EOS, projection_dim=32))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False, prediction_type="epsilon")
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def build_tiny_pipeline(output_dir: str, seed: int = 0) -> str:
+    """Write the complete pipeline folder (atomically: a half-built folder never appears)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent) as tmp:
+        clip_tokenizer_files(os.path.join(tmp, "bpe"))
+        # from_pretrained on vocab.json + merges.txt: the one constructor that works in transformers 4 and 5
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tmp, "bpe"), model_max_length=77)
+        pipe = StableDiffusionPipeline(**build_components(seed), tokenizer=tokenizer, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        staged = os.path.join(tmp, "pipeline")
+        pipe.save_pretrained(staged)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        os.replace(staged, output_dir)
+    return output_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="Folder to write the pipeline into (replaced if it exists).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    args = parser.parse_args(argv)
+    build_tiny_pipeline(args.output_dir, args.seed)
+    print(f"Wrote a Stable Diffusion pipeline to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""DP-SAPF stage 1: pick the most salient attention matrices with one Gaussian query, and save the mask.
+
+    accelerate launch select_salient.py --pretrained_model_name_or_path MODEL --train_data_dir DATA \
+        --resolution 256 --select_ratio 0.3 --output mask.json
+
+Each process takes a disjoint shard of the data, clips every sample's gradient over all candidate matrices
+jointly, the clipped sums are added across processes and the noise is added once.
+"""
+
+import argparse
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from dp_sapf import data, distributed, modeling, saliency
+from dp_sapf.cli import add_runtime_args, run_cli
+from dp_sapf.per_sample import seeded_generator
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modeling.add_model_args(parser)
+    data.add_data_args(parser)
+    g = parser.add_argument_group("selection")
+    g.add_argument("--select_ratio", type=float, default=0.3,
+                   help="Fraction ρ of candidates to keep: the top ⌈ρ·M⌉ matrices (or ⌈ρ·L⌉ layers), at least one.")
+    g.add_argument("--selection_noise_multiplier", type=float, default=5.0,
+                   help="σ_s: the Gaussian noise std is σ_s·C_s/N on each mean gradient (paper: 5). RDP ε(α) = α/(2σ_s²).")
+    g.add_argument("--selection_max_grad_norm", type=float, default=1.0,
+                   help="C_s: each sample's gradient over ALL candidate matrices is clipped jointly to this norm.")
+    g.add_argument("--granularity", choices=saliency.GRANULARITIES, default="matrix",
+                   help="matrix: rank single q/k/v matrices; layer: rank attention layers by their concatenated "
+                        "q/k/v block and keep or drop them whole.")
+    g.add_argument("--candidate_pool", choices=saliency.CANDIDATE_POOLS, default="attention_qkv",
+                   help="attention_qkv: to_q/to_k/to_v of every attn1 and attn2 (SD-v1.5: 96); attention_qkvo adds "
+                        "to_out.0; all_linear: every nn.Linear of the UNet.")
+    g.add_argument("--scorer", choices=saliency.SCORERS, default="grad_norm",
+                   help="grad_norm: ‖noisy mean clipped gradient‖ (the paper); fisher: Σ_i ‖clipped g_i,m‖² plus noise "
+                        "(the official code); random: random scores, reads no data and costs no privacy.")
+    g.add_argument("--selection_batch_size", type=int, default=16,
+                   help="Samples per forward/backward on each process (memory only; no effect on the result).")
+    g.add_argument("--output", type=str, default="saliency_mask.json", help="Where to write the mask JSON.")
+    add_runtime_args(parser)
+    args = parser.parse_args(argv)
+    saliency.num_selected(args.select_ratio, 1)  # validates the ratio before any work
+    if args.selection_noise_multiplier < 0 or args.selection_max_grad_norm <= 0:
+        parser.error("--selection_noise_multiplier must be >= 0 and --selection_max_grad_norm > 0.")
+    if args.selection_batch_size < 1:
+        parser.error("--selection_batch_size must be >= 1.")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = distributed.make_accelerator(args)
+    device, weight_dtype = accelerator.device, modeling.weight_dtype_for(accelerator.mixed_precision)
+    images = data.load_labelled_images(args, "train", max_samples=args.max_train_samples)
+    prompts = data.resolve_class_prompts(images.class_names, args.class_prompts, args.prompt_template)
+    parts = modeling.load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
+    modeling.place(parts, device, weight_dtype)
+    modules = saliency.candidate_modules(parts.unet, args.candidate_pool)
+    n = len(images)
+    dp_seed = distributed.shared_secret_seed(accelerator, args.dp_seed)
+    noise_generator = seeded_generator(dp_seed, "selection-noise", device=device)
+    accelerator.print(f"Selecting {saliency.num_selected(args.select_ratio, len(modules))} of {len(modules)} "
+                      f"{args.candidate_pool} matrices from N = {n} images (scorer {args.scorer}).")
+
+    batches, progress = (), None
+    if args.scorer != "random":
+        cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
+                                    device=device, dtype=weight_dtype, show_progress=accelerator.is_main_process)
+        prompt_embeds = modeling.encode_prompts(parts, prompts, device)
+        page = args.selection_batch_size * accelerator.num_processes
+        num_timesteps = parts.noise_scheduler.config.num_train_timesteps
+
+        def pages():
+            for p in range(math.ceil(n / page)):
+                indices = torch.arange(p * page, min(n, (p + 1) * page))
+                yield from data.micro_batches(
+                    cache, prompt_embeds, indices, rank=accelerator.process_index,
+                    world_size=accelerator.num_processes, micro_batch_size=args.selection_batch_size,
+                    num_train_timesteps=num_timesteps, generator=seeded_generator(args.seed, "selection", p, device=device),
+                    device=device)
+
+        batches = pages()
+        progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
+    result = saliency.select_salient(
+        parts, modules, batches, dataset_size=n, scorer=args.scorer, noise_multiplier=args.selection_noise_multiplier,
+        max_grad_norm=args.selection_max_grad_norm, ratio=args.select_ratio, granularity=args.granularity,
+        noise_generator=noise_generator, accelerator=accelerator, autocast=accelerator.autocast, progress=progress)
+    if progress is not None:
+        progress.close()
+    if args.scorer != "random" and result.num_samples != n:
+        raise RuntimeError(f"The pass saw {result.num_samples} samples, expected {n}.")
+    mask = saliency.build_mask(
+        base_model=args.pretrained_model_name_or_path, modules=modules, pool=args.candidate_pool,
+        granularity=args.granularity, ratio=args.select_ratio, scorer=args.scorer, result=result, seed=args.seed,
+        noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
+        dataset_size=n, class_prompts=prompts)
+    if accelerator.is_main_process:
+        saliency.write_mask(mask, args.output)
+        accelerator.print(f"Kept {len(result.target_modules)} matrices; mask written to {args.output}")
+    distributed.finish(accelerator)
+
+
+if __name__ == "__main__":
+    run_cli(main)
