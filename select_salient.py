@@ -40,7 +40,8 @@ def parse_args(argv=None):
                    help="grad_norm: ‖noisy mean clipped gradient‖ (the paper); fisher: Σ_i ‖clipped g_i,m‖² plus noise "
                         "(the official code); random: random scores, reads no data and costs no privacy.")
     g.add_argument("--selection_batch_size", type=int, default=16,
-                   help="Samples per forward/backward on each process (memory only; no effect on the result).")
+                   help="Samples per pass over all processes (each takes its share). The result does not depend "
+                        "on the number of processes (up to float rounding).")
     g.add_argument("--output", type=str, default="saliency_mask.json", help="Where to write the mask JSON.")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
@@ -72,7 +73,7 @@ def main(argv=None):
         cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
                                     device=device, dtype=weight_dtype, show_progress=accelerator.is_main_process)
         prompt_embeds = modeling.encode_prompts(parts, prompts, device)
-        page = args.selection_batch_size * accelerator.num_processes
+        page = args.selection_batch_size  # global: the same pages (and diffusion draws) for any process count
         num_timesteps = parts.noise_scheduler.config.num_train_timesteps
 
         def pages():
@@ -80,7 +81,7 @@ def main(argv=None):
                 indices = torch.arange(p * page, min(n, (p + 1) * page))
                 yield from data.micro_batches(
                     cache, prompt_embeds, indices, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, micro_batch_size=args.selection_batch_size,
+                    world_size=accelerator.num_processes, micro_batch_size=math.ceil(page / accelerator.num_processes),
                     num_train_timesteps=num_timesteps, generator=seeded_generator(args.seed, "selection", p, device=device),
                     device=device)
 
@@ -98,7 +99,7 @@ def main(argv=None):
         base_model=args.pretrained_model_name_or_path, modules=modules, pool=args.candidate_pool,
         granularity=args.granularity, ratio=args.select_ratio, scorer=args.scorer, result=result, seed=args.seed,
         noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
-        dataset_size=n, class_prompts=prompts)
+        dataset_size=n, class_names=images.class_names, class_prompts=prompts)
     if accelerator.is_main_process:
         saliency.write_mask(mask, args.output)
         accelerator.print(f"Kept {len(result.target_modules)} matrices; mask written to {args.output}")

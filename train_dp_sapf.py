@@ -402,7 +402,7 @@ def main(argv=None):
         accelerator.wait_for_everyone()
 
         if accelerator.is_main_process:
-            finish_outputs(args, parts, prompts, accelerator, ledger, mask, n, weight_dtype)
+            finish_outputs(args, parts, images.class_names, prompts, accelerator, ledger, mask, n, weight_dtype)
     except BaseException as err:
         if accelerator.is_main_process and os.path.isdir(args.output_dir):
             write_status(args, "failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
@@ -446,10 +446,11 @@ def privacy_report(args, ledger, mask, n):
     }
 
 
-def finish_outputs(args, parts, prompts, accelerator, ledger, mask, n, weight_dtype):
+def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype):
     """Weights, report, validation grid, card; run_status 'complete' last, so a crash never looks done."""
     unet = accelerator.unwrap_model(parts.unet)
     report = privacy_report(args, ledger, mask, n)
+    report["class_names"] = class_names
     report["class_prompts"] = prompts
     if args.train_mode == "lora":
         modeling.save_lora(unet, args.output_dir)

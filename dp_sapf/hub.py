@@ -60,7 +60,9 @@ def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, r
         "(the logged loss is not private) or checkpoints, which are never uploaded.\n"
     )
     widget = [{"text": class_prompts[0], "output": {"url": image_file}}] if image_file else None
-    card = load_or_create_model_card(repo_id_or_path=repo_id or output_dir, from_training=True,
+    # a repo id, never the folder: offline it falls back to the template (a local path is not a valid repo id)
+    repo_name = repo_id or os.path.basename(os.path.abspath(output_dir))
+    card = load_or_create_model_card(repo_id_or_path=repo_name, from_training=True,
                                      base_model=base_model, model_description=privacy_text,
                                      license="creativeml-openrail-m", widget=widget, inference=True)
     card = populate_model_card(card, tags=["stable-diffusion", "text-to-image", "diffusers", "diffusers-training",

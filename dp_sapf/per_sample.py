@@ -143,16 +143,18 @@ class ClippedGradientSum:
         return norms
 
     def all_reduce(self, accelerator=None) -> None:
-        """Sum the clipped sums over processes (each process clipped only its own samples)."""
+        """Sum the clipped sums (and sample counts) over processes; each process clipped only its own samples."""
         if accelerator is None or accelerator.num_processes == 1:
             return
-        flat = torch.cat([s.flatten() for s in self.sums] + [self.squared_norm_sums])
+        count = torch.tensor([float(self.num_samples)], device=self.squared_norm_sums.device)
+        flat = torch.cat([s.flatten() for s in self.sums] + [self.squared_norm_sums, count])
         flat = accelerator.reduce(flat, reduction="sum")
         offset = 0
         for s in self.sums:
             s.copy_(flat[offset:offset + s.numel()].view_as(s))
             offset += s.numel()
-        self.squared_norm_sums.copy_(flat[offset:])
+        self.squared_norm_sums.copy_(flat[offset:-1])
+        self.num_samples = int(flat[-1].item())
 
     def noisy_sums(self, noise_multiplier: float, generator: torch.Generator | None) -> list[torch.Tensor]:
         """The sums plus N(0, (σ·C)²) per coordinate; call after `all_reduce`, with the same generator on all ranks."""

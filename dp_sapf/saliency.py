@@ -162,7 +162,7 @@ def select_salient(parts, modules: dict[str, nn.Linear], batches, *, dataset_siz
 
 def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, granularity: str, ratio: float,
                scorer: str, result: SelectionResult, seed: int | None, noise_multiplier: float,
-               max_grad_norm: float, dataset_size: int, class_prompts: list[str]) -> dict:
+               max_grad_norm: float, dataset_size: int, class_names: list[str], class_prompts: list[str]) -> dict:
     """The versioned mask record (schema in the README)."""
     data_independent = scorer == "random"
     return {
@@ -178,6 +178,7 @@ def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, gra
         "target_modules": result.target_modules,
         "scores": result.scores,
         "seed": seed,
+        "class_names": class_names,
         "class_prompts": class_prompts,
         "privacy": {
             "mechanism": "none (data-independent)" if data_independent else "gaussian",

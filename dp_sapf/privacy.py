@@ -1,0 +1,296 @@
+"""Privacy accounting of DP-SAPF: the one place every ε of the project comes from.
+
+Two mechanisms compose (add/remove one image; N, prompts and the public model are public):
+- selection: one Gaussian mechanism with noise multiplier σ_s, RDP ε(α) = α / (2σ_s²);
+- training: T steps of the Poisson-subsampled Gaussian with rate q and noise multiplier σ.
+
+`rdp` (default, as the paper) adds the two RDP curves order by order (opacus' analysis) and converts with
+opacus' `get_privacy_spent`. Orders are integers only: there opacus' subsampled-Gaussian RDP equals google's
+dp-accounting to float precision (tests/test_privacy.py), whereas at fractional orders the two libraries
+disagree by up to ~17% (dp-accounting is the more conservative), so we do not rely on them.
+`prv` (opacus) and `pld` (dp-accounting) are tighter numerical accountants of the same composition.
+
+    python -m dp_sapf.privacy --dataset_size 45000 --train_batch_size 4096 --max_train_steps 1000 \
+        --target_epsilon 10 --selection_noise_multiplier 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+RDP_ORDERS = tuple(float(a) for a in list(range(2, 65)) + [72, 80, 96, 128, 192, 256, 384, 512, 1024])
+ACCOUNTANTS = ("rdp", "prv", "pld")
+
+
+class PrivacyBudgetError(ValueError):
+    """The requested (ε, δ) cannot be met with these settings."""
+
+
+@dataclass(frozen=True)
+class SelectionCost:
+    """The saliency selection as the accountant sees it: None = data-independent (free), 0 = no noise (ε = inf)."""
+
+    noise_multiplier: float | None
+    mechanism: str = "gaussian"
+
+    @property
+    def free(self) -> bool:
+        return self.noise_multiplier is None
+
+
+@dataclass
+class PrivacySpent:
+    """ε of the composed release and how it splits between the two stages.
+
+    selection_share (rdp): the selection's RDP over the total RDP at the order that gives ε;
+    (prv/pld): 1 - ε_training_only / ε, clipped to [0, 1].
+    """
+
+    epsilon: float
+    delta: float
+    accountant: str
+    best_alpha: float | None
+    epsilon_selection_only: float
+    epsilon_training_only: float
+    selection_share: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_delta(dataset_size: int) -> float:
+    """δ = 1/N, the paper's choice (the official code used 1/(N ln N) silently; we say what we use)."""
+    return 1.0 / dataset_size
+
+
+def warn_if_delta_too_large(delta: float, dataset_size: int) -> None:
+    """δ above 1/N allows mechanisms that publish one whole record: warn loudly."""
+    if delta > 1.0 / dataset_size:
+        warnings.warn(f"δ = {delta:.3g} exceeds 1/N = {1 / dataset_size:.3g}: a mechanism that publishes a random "
+                      "image outright would satisfy this guarantee. Use δ ≤ 1/N.", stacklevel=2)
+
+
+def _selection_rdp(selection: SelectionCost | None, orders: np.ndarray) -> np.ndarray:
+    if selection is None or selection.free:
+        return np.zeros_like(orders)
+    if selection.noise_multiplier == 0:
+        return np.full_like(orders, np.inf)
+    return orders / (2.0 * selection.noise_multiplier ** 2)
+
+
+def _training_rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: np.ndarray) -> np.ndarray:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    if steps == 0 or sample_rate == 0:
+        return np.zeros_like(orders)
+    if noise_multiplier == 0:
+        return np.full_like(orders, np.inf)
+    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps,
+                                  orders=list(orders)), dtype=float)
+
+
+def _rdp_epsilon(rdp: np.ndarray, orders: np.ndarray, delta: float) -> tuple[float, float]:
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    if np.all(rdp == 0):
+        return 0.0, float("nan")
+    if not np.any(np.isfinite(rdp)):
+        return float("inf"), float("nan")
+    with warnings.catch_warnings():  # "optimal order is the largest/smallest alpha": expected at extreme σ
+        warnings.filterwarnings("ignore", message="Optimal order")
+        eps, alpha = get_privacy_spent(orders=list(orders), rdp=list(rdp), delta=delta)
+    return float(eps), float(alpha)
+
+
+def _dp_event(noise_multiplier, sample_rate, steps, selection):
+    from dp_accounting import dp_event
+
+    events = []
+    if selection is not None and not selection.free:
+        events.append(dp_event.GaussianDpEvent(selection.noise_multiplier))
+    if steps > 0 and sample_rate > 0:
+        events.append(dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier)), steps))
+    return dp_event.ComposedDpEvent(events)
+
+
+def _numerical_epsilon(accountant, noise_multiplier, sample_rate, steps, delta, selection) -> float:
+    """ε from the PRV (opacus) or PLD (dp-accounting) accountant."""
+    has_selection = selection is not None and not selection.free
+    if (has_selection and selection.noise_multiplier == 0) or (steps > 0 and sample_rate > 0 and noise_multiplier == 0):
+        return float("inf")
+    if not has_selection and (steps == 0 or sample_rate == 0):
+        return 0.0
+    if accountant == "pld":
+        from dp_accounting.pld import PLDAccountant
+
+        acc = PLDAccountant()
+        acc.compose(_dp_event(noise_multiplier, sample_rate, steps, selection))
+        return float(acc.get_epsilon(delta))
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = ([(selection.noise_multiplier, 1.0, 1)] if has_selection else []) + (
+        [(noise_multiplier, sample_rate, steps)] if steps > 0 and sample_rate > 0 else [])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(acc.get_epsilon(delta))
+
+
+def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                    selection: SelectionCost | None = None, accountant: str = "rdp") -> PrivacySpent:
+    """ε of selection + T training steps at δ, with the split between the stages."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"Unknown accountant {accountant!r}; choose from {', '.join(ACCOUNTANTS)}.")
+    if not 0 <= sample_rate <= 1:
+        raise ValueError(f"The sample rate must be in [0, 1], got {sample_rate}.")
+    orders = np.asarray(RDP_ORDERS)
+    sel, train = _selection_rdp(selection, orders), _training_rdp(noise_multiplier, sample_rate, steps, orders)
+    eps_sel, _ = _rdp_epsilon(sel, orders, delta)
+    eps_train, _ = _rdp_epsilon(train, orders, delta)
+    if accountant == "rdp":
+        total = sel + train
+        eps, alpha = _rdp_epsilon(total, orders, delta)
+        if math.isfinite(eps) and eps > 0:
+            i = int(np.argmin(np.abs(orders - alpha)))
+            share = float(sel[i] / total[i]) if total[i] > 0 else 0.0
+        else:
+            share = float(eps_sel == float("inf"))
+        return PrivacySpent(eps, delta, accountant, alpha, eps_sel, eps_train, share)
+    eps = _numerical_epsilon(accountant, noise_multiplier, sample_rate, steps, delta, selection)
+    eps_sel_n = _numerical_epsilon(accountant, 0.0, 0.0, 0, delta, selection)
+    eps_train_n = _numerical_epsilon(accountant, noise_multiplier, sample_rate, steps, delta, None)
+    share = 0.0 if eps == 0 or not math.isfinite(eps) else min(1.0, max(0.0, 1 - eps_train_n / eps))
+    return PrivacySpent(eps, delta, accountant, None, eps_sel_n, eps_train_n, share)
+
+
+def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                               selection: SelectionCost | None = None, accountant: str = "rdp",
+                               rel_tolerance: float = 1e-4, max_sigma: float = 1e4) -> float:
+    """The smallest σ (to rel_tolerance) whose composed ε is ≤ target; refuses unreachable targets."""
+    if math.isinf(target_epsilon):
+        return 0.0
+    if target_epsilon <= 0:
+        raise PrivacyBudgetError("The target ε must be > 0.")
+
+    def eps(sigma):
+        return compute_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta,
+                               selection=selection, accountant=accountant).epsilon
+
+    floor = compute_epsilon(noise_multiplier=max_sigma, sample_rate=sample_rate, steps=0, delta=delta,
+                            selection=selection, accountant=accountant).epsilon
+    if floor >= target_epsilon:
+        raise PrivacyBudgetError(
+            f"The saliency selection alone spends ε = {floor:.4g} at δ = {delta:.3g}, which already meets or exceeds "
+            f"the target ε = {target_epsilon}. Raise --selection_noise_multiplier (σ_s), raise the target, or use "
+            "a data-independent mask (--scorer random).")
+    if steps == 0 or sample_rate == 0:
+        return 0.0
+    if eps(max_sigma) > target_epsilon:
+        raise PrivacyBudgetError(f"ε = {target_epsilon} cannot be met even with σ = {max_sigma}: lower the steps or "
+                                 "the batch, or raise the target.")
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+    while hi - lo > rel_tolerance * hi:
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@dataclass
+class PrivacyLedger:
+    """What a training run has spent and will spend; saved in checkpoints, checked on resume."""
+
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    steps_done: int
+    total_steps: int
+    selection: dict | None = field(default=None)  # noise_multiplier, max_grad_norm, scorer, dataset_size
+
+    def selection_cost(self) -> SelectionCost | None:
+        return None if self.selection is None else SelectionCost(self.selection["noise_multiplier"])
+
+    def _epsilon(self, steps: int) -> float:
+        if self.noise_multiplier == 0:
+            return float("inf")
+        return compute_epsilon(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=steps,
+                               delta=self.delta, selection=self.selection_cost(), accountant=self.accountant).epsilon
+
+    def epsilon_spent(self) -> float:
+        """ε of the selection and the steps done so far."""
+        return self._epsilon(self.steps_done)
+
+    def epsilon_final(self) -> float:
+        """ε once all planned steps are done."""
+        return self._epsilon(self.total_steps)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "PrivacyLedger":
+        return cls(**state)
+
+    def check_compatible(self, other: "PrivacyLedger") -> None:
+        """A resumed run must keep every privacy parameter; name the first that changed."""
+        for name in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "accountant", "total_steps",
+                     "selection"):
+            a, b = getattr(self, name), getattr(other, name)
+            same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
+            if not same:
+                raise ValueError(f"Cannot resume: the privacy parameter {name!r} changed ({a!r} in the checkpoint, "
+                                 f"{b!r} now). Resume with the same privacy flags, or start a new run.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_size", type=int, required=True, help="N, the number of sensitive images.")
+    parser.add_argument("--train_batch_size", type=int, default=4096, help="Expected logical batch B (q = B/N).")
+    parser.add_argument("--max_train_steps", type=int, default=1000, help="DP-SGD steps T.")
+    parser.add_argument("--target_epsilon", type=float, default=None, help="Target ε: σ is calibrated to meet it.")
+    parser.add_argument("--noise_multiplier", type=float, default=None, help="σ given: ε is reported.")
+    parser.add_argument("--target_delta", type=float, default=None, help="δ (default 1/N).")
+    parser.add_argument("--selection_noise_multiplier", type=float, default=None,
+                        help="σ_s of the saliency selection; absent (or with --no_selection) = no selection stage.")
+    parser.add_argument("--no_selection", action="store_true", help="No selection stage (e.g. random mask, DP-LoRA).")
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="rdp (as the paper), prv or pld.")
+    args = parser.parse_args(argv)
+    if (args.target_epsilon is None) == (args.noise_multiplier is None):
+        parser.error("Give exactly one of --target_epsilon or --noise_multiplier.")
+    if args.dataset_size < 1 or not 1 <= args.train_batch_size <= args.dataset_size:
+        parser.error("Need 1 <= --train_batch_size <= --dataset_size.")
+    delta = args.target_delta if args.target_delta is not None else default_delta(args.dataset_size)
+    warn_if_delta_too_large(delta, args.dataset_size)
+    selection = None if args.no_selection or args.selection_noise_multiplier is None else SelectionCost(
+        args.selection_noise_multiplier)
+    q = args.train_batch_size / args.dataset_size
+    try:
+        sigma = args.noise_multiplier if args.noise_multiplier is not None else calibrate_noise_multiplier(
+            target_epsilon=args.target_epsilon, delta=delta, sample_rate=q, steps=args.max_train_steps,
+            selection=selection, accountant=args.accountant)
+    except PrivacyBudgetError as err:
+        parser.exit(2, f"error: {err}\n")
+    spent = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=args.max_train_steps, delta=delta,
+                            selection=selection, accountant=args.accountant)
+    out = {"noise_multiplier": sigma, "sample_rate": q, "steps": args.max_train_steps,
+           "dataset_size": args.dataset_size, "selection_noise_multiplier": None if selection is None else
+           selection.noise_multiplier, **spent.to_dict()}
+    json.dump(out, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

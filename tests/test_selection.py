@@ -1,0 +1,187 @@
+"""The DP saliency query: exact clipping, noise scale, ranking, peft targets, CLI errors, 2 processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dp_sapf import modeling, saliency
+from dp_sapf.per_sample import seeded_generator
+
+from conftest import REPO
+
+
+def _batches(parts, sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = parts.unet.config
+    out = []
+    for b in sizes:
+        shape = (b, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        out.append((torch.randn(shape, generator=g), torch.randn(b, 77, cfg.cross_attention_dim, generator=g),
+                    torch.randn(shape, generator=g), torch.randint(0, 1000, (b,), generator=g)))
+    return out
+
+
+def _reference_scores(parts, modules, batches, clip):
+    """Non-private reference by brute force: batch-1 gradients, joint clip, mean, norm."""
+    weights = [m.weight for m in modules.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    sums = [torch.zeros_like(w) for w in weights]
+    n = 0
+    for batch in batches:
+        for i in range(batch[0].shape[0]):
+            one = [t[i:i + 1] for t in batch]
+            loss = modeling.per_sample_diffusion_loss(parts.unet, parts.noise_scheduler, *one).sum()
+            grads = torch.autograd.grad(loss, weights)
+            norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+            for s, g in zip(sums, grads):
+                s += g * min(1.0, clip / (norm.item() + 1e-6))
+            n += 1
+    for w in weights:
+        w.requires_grad_(False)
+    return {name: float(s.norm() / n) for name, s in zip(modules, sums)}
+
+
+@pytest.fixture()
+def parts(tiny_pipeline_dir):
+    return modeling.load_pipeline_parts(tiny_pipeline_dir)
+
+
+def test_zero_noise_ranking_equals_non_private_ranking(parts):
+    modules = saliency.candidate_modules(parts.unet, "attention_qkv")
+    batches = _batches(parts, [3, 2])
+    clip = 0.05  # small enough that every sample is clipped
+    result = saliency.select_salient(parts, modules, batches, dataset_size=5, scorer="grad_norm", noise_multiplier=0.0,
+                                     max_grad_norm=clip, ratio=0.3, granularity="matrix",
+                                     noise_generator=seeded_generator(0, "t"))
+    want = _reference_scores(parts, modules, batches, clip)
+    for name in modules:
+        assert result.scores[name] == pytest.approx(want[name], rel=1e-3, abs=1e-9)
+    top = sorted(want, key=want.get, reverse=True)[: math.ceil(0.3 * len(want))]
+    assert set(result.target_modules) == set(top)
+    assert result.num_samples == 5
+
+
+def test_noise_std_is_sigma_s_c_s_over_n(parts):
+    modules = saliency.candidate_modules(parts.unet, "attention_qkv")
+    n, sigma, clip = 1000, 5.0, 2.0
+    result = saliency.select_salient(parts, modules, [], dataset_size=n, scorer="grad_norm", noise_multiplier=sigma,
+                                     max_grad_norm=clip, ratio=0.3, granularity="matrix",
+                                     noise_generator=seeded_generator(1, "t"))
+    coords = sum(m.weight.numel() for m in modules.values())
+    measured = math.sqrt(sum(s ** 2 for s in result.scores.values()) / coords)
+    assert measured == pytest.approx(sigma * clip / n, rel=0.02)
+
+
+def test_layer_granularity_keeps_whole_layers(parts):
+    modules = saliency.candidate_modules(parts.unet, "attention_qkv")
+    result = saliency.select_salient(parts, modules, _batches(parts, [2]), dataset_size=2, scorer="grad_norm",
+                                     noise_multiplier=1.0, max_grad_norm=1.0, ratio=0.3, granularity="layer",
+                                     noise_generator=seeded_generator(2, "t"))
+    layers = {saliency.layer_of(n) for n in modules}
+    chosen = {saliency.layer_of(n) for n in result.target_modules}
+    assert len(chosen) == math.ceil(0.3 * len(layers))
+    assert set(result.target_modules) == {n for n in modules if saliency.layer_of(n) in chosen}
+
+
+def test_target_modules_wrap_exactly_the_chosen_modules(parts):
+    modules = saliency.candidate_modules(parts.unet, "attention_qkv")
+    chosen = list(modules)[1::5]
+    modeling.add_lora(parts.unet, chosen, rank=2)  # raises unless peft wrapped exactly these
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in parts.unet.named_modules() if n.endswith(".lora_A")}
+    assert wrapped == set(chosen)
+
+
+def test_random_scorer_reads_no_data(parts):
+    modules = saliency.candidate_modules(parts.unet, "attention_qkv")
+
+    def poisoned():
+        raise AssertionError("the random scorer touched the data")
+        yield
+
+    result = saliency.select_salient(parts, modules, poisoned(), dataset_size=10, scorer="random", noise_multiplier=5,
+                                     max_grad_norm=1, ratio=0.5, granularity="matrix",
+                                     noise_generator=seeded_generator(3, "t"))
+    assert len(result.target_modules) == 18 and result.num_samples == 0
+
+
+def _select(args, **kw):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, os.path.join(REPO, "select_salient.py"), *args], capture_output=True,
+                          text=True, env=env, **kw)
+
+
+def _base_args(model, data, out):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--resolution", "32",
+            "--class_prompts", "fashion_mnist", "--selection_batch_size", "8", "--output", out]
+
+
+def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    out = str(tmp_path / "mask.json")
+    res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, out) + ["--dp_seed", "1"])
+    assert res.returncode == 0, res.stderr
+    mask = saliency.read_mask(out)
+    assert mask["num_selected"] == 11 and len(mask["target_modules"]) == 11
+    assert mask["privacy"]["noise_multiplier"] == 5.0 and mask["privacy"]["dataset_size"] == 40
+    prompts = dict(zip(mask["class_names"], mask["class_prompts"]))
+    assert prompts["t-shirt_top"] == "An image of a t-shirt/top" and prompts["ankle_boot"] == "An image of an ankle boot"
+    parts = modeling.load_pipeline_parts(tiny_pipeline_dir)
+    saliency.check_mask(mask, parts.unet, 40)
+    modeling.add_lora(parts.unet, mask["target_modules"], rank=4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--select_ratio", "0"], "select_ratio"),
+    (["--select_ratio", "1.5"], "select_ratio"),
+    (["--image_column", "pixels"], "--image_column 'pixels' is not a column"),
+    (["--candidate_pool", "everything"], "invalid choice"),
+    (["--max_train_samples", "3"], "class"),  # the first 3 images are all one class
+])
+def test_cli_bad_inputs_fail_clearly_without_a_mask(tiny_pipeline_dir, fashion_data_dir, tmp_path, extra, message):
+    out = str(tmp_path / "mask.json")
+    res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, out) + extra)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not os.path.exists(out)
+
+
+def test_cli_unknown_model_folder(fashion_data_dir, tmp_path):
+    out = str(tmp_path / "mask.json")
+    res = _select(_base_args(str(tmp_path / "nope"), fashion_data_dir, out))
+    assert res.returncode == 2 and "model_index.json" in res.stderr and not os.path.exists(out)
+
+
+def test_cli_empty_data(tiny_pipeline_dir, tmp_path):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    out = str(tmp_path / "mask.json")
+    res = _select(_base_args(tiny_pipeline_dir, str(tmp_path / "empty"), out))
+    assert res.returncode != 0 and not os.path.exists(out)
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def accelerate_two_processes(script, args, tmp_path):
+    """Two CPU processes under accelerate (gloo), as DESIGN §4 says they must be launched here."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + os.getpid() % 1000), os.path.join(REPO, script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+def test_two_processes_match_one_process(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
+    args = ["--selection_noise_multiplier", "0", "--selection_batch_size", "3"]
+    res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, one) + args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = accelerate_two_processes("select_salient.py", _base_args(tiny_pipeline_dir, fashion_data_dir, two) + args,
+                                   tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = json.load(open(one)), json.load(open(two))
+    assert a["target_modules"] == b["target_modules"]
+    for name, score in a["scores"].items():
+        assert b["scores"][name] == pytest.approx(score, rel=1e-4)
