@@ -1,0 +1,122 @@
+"""Accounting: cross-checked against google's dp-accounting, calibration, refusals, ledger, CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dp_sapf import privacy
+from dp_sapf.privacy import PrivacyBudgetError, PrivacyLedger, SelectionCost
+
+PAPER_N = [45000, 97477, 162770, 302436]
+
+
+def dp_accounting_rdp_epsilon(sigma, q, steps, delta, sigma_s):
+    """The same composition through dp-accounting's RdpAccountant (independent implementation), same orders."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import RdpAccountant
+
+    events = [dp_event.GaussianDpEvent(sigma_s)] if sigma_s else []
+    events.append(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps))
+    acc = RdpAccountant(orders=list(privacy.RDP_ORDERS))
+    acc.compose(dp_event.ComposedDpEvent(events))
+    return acc.get_epsilon(delta)
+
+
+GRID = [(n, 4096, 1000, 5.0) for n in PAPER_N] + [(200, 50, 10, 5.0), (1000, 10, 300, None), (5000, 5000, 3, 2.0)]
+
+
+@pytest.mark.parametrize("n, batch, steps, sigma_s", GRID)
+@pytest.mark.parametrize("sigma", [0.8, 2.0, 9.0])
+def test_rdp_epsilon_equals_dp_accounting(n, batch, steps, sigma_s, sigma):
+    q, delta = batch / n, 1 / n
+    selection = SelectionCost(sigma_s) if sigma_s else None
+    ours = privacy.compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, selection=selection)
+    theirs = dp_accounting_rdp_epsilon(sigma, q, steps, delta, sigma_s)
+    assert ours.epsilon == pytest.approx(theirs, rel=1e-6)
+
+
+@pytest.mark.parametrize("n", PAPER_N)
+@pytest.mark.parametrize("target", [1.0, 10.0])
+def test_calibrated_sigma_meets_target_in_both_accountants(n, target):
+    q, delta, sel = 4096 / n, 1 / n, SelectionCost(5.0)
+    sigma = privacy.calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=1000,
+                                               selection=sel)
+    eps = privacy.compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=1000, delta=delta, selection=sel)
+    assert eps.epsilon <= target
+    assert dp_accounting_rdp_epsilon(sigma, q, 1000, delta, 5.0) <= target * (1 + 1e-6)
+    less = privacy.compute_epsilon(noise_multiplier=0.99 * sigma, sample_rate=q, steps=1000, delta=delta, selection=sel)
+    assert less.epsilon > target
+    # numerical accountants are tighter, never looser, than RDP
+    for acc in ("pld", "prv"):
+        tight = privacy.compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=1000, delta=delta, selection=sel,
+                                        accountant=acc)
+        assert tight.epsilon <= eps.epsilon * 1.001
+    # the split is reported, and at ε = 1 with σ_s = 5 the selection takes a large share (DESIGN §1)
+    assert 0 < eps.selection_share < 1
+    if target == 1.0:
+        assert eps.selection_share > 0.3
+
+
+def test_selection_alone_is_the_gaussian_mechanism():
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import RdpAccountant
+
+    for sigma_s in (1.0, 5.0, 20.0):
+        ours = privacy.compute_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=1e-5,
+                                       selection=SelectionCost(sigma_s))
+        acc = RdpAccountant(orders=list(privacy.RDP_ORDERS))
+        acc.compose(dp_event.GaussianDpEvent(sigma_s))
+        assert ours.epsilon == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+        orders = np.asarray(privacy.RDP_ORDERS)
+        closed = min(a / (2 * sigma_s ** 2) + math.log((a - 1) / a) - (math.log(1e-5) + math.log(a)) / (a - 1)
+                     for a in orders)
+        assert ours.epsilon == pytest.approx(closed, rel=1e-9)
+
+
+def test_free_and_infinite_selection():
+    kw = dict(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=1e-5)
+    none = privacy.compute_epsilon(**kw)
+    free = privacy.compute_epsilon(**kw, selection=SelectionCost(None))
+    assert free.epsilon == none.epsilon and free.selection_share == 0
+    assert math.isinf(privacy.compute_epsilon(**kw, selection=SelectionCost(0.0)).epsilon)
+    assert math.isinf(privacy.compute_epsilon(**{**kw, "noise_multiplier": 0.0}).epsilon)
+
+
+def test_unreachable_target_is_refused_with_the_selection_cost():
+    with pytest.raises(PrivacyBudgetError, match=r"selection alone spends ε = \d"):
+        privacy.calibrate_noise_multiplier(target_epsilon=0.5, delta=1e-5, sample_rate=0.01, steps=100,
+                                           selection=SelectionCost(1.0))
+    assert privacy.calibrate_noise_multiplier(target_epsilon=math.inf, delta=1e-5, sample_rate=0.1, steps=10) == 0.0
+
+
+def test_delta_above_one_over_n_warns():
+    with pytest.warns(UserWarning, match="exceeds 1/N"):
+        privacy.warn_if_delta_too_large(1e-3, 10_000)
+
+
+def test_ledger_round_trip_and_resume_checks():
+    ledger = PrivacyLedger(noise_multiplier=1.1, sample_rate=0.1, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
+                           steps_done=3, total_steps=10, selection={"noise_multiplier": 5.0, "max_grad_norm": 1.0,
+                                                                    "scorer": "grad_norm", "dataset_size": 100})
+    again = PrivacyLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    assert again == ledger and again.epsilon_spent() < again.epsilon_final()
+    again.check_compatible(ledger)
+    changed = PrivacyLedger.from_state_dict({**ledger.state_dict(), "noise_multiplier": 1.0})
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        ledger.check_compatible(changed)
+
+
+def test_cli_prints_json():
+    res = subprocess.run([sys.executable, "-m", "dp_sapf.privacy", "--dataset_size", "45000", "--target_epsilon", "10",
+                          "--selection_noise_multiplier", "5"], capture_output=True, text=True, check=True)
+    out = json.loads(res.stdout)
+    assert out["epsilon"] <= 10 and out["noise_multiplier"] > 0 and out["accountant"] == "rdp"
+    assert out["delta"] == pytest.approx(1 / 45000)
+    assert 0 < out["selection_share"] < 0.1 and out["epsilon_selection_only"] > 0
+    bad = subprocess.run([sys.executable, "-m", "dp_sapf.privacy", "--dataset_size", "100", "--target_epsilon", "0.1",
+                          "--selection_noise_multiplier", "1", "--train_batch_size", "10"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "selection alone" in bad.stderr

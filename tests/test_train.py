@@ -1,0 +1,184 @@
+"""train_dp_sapf.py end to end on the tiny pipeline: outputs, reload, resume, 2 processes, modes, bad inputs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dp_sapf import data, saliency
+from dp_sapf.per_sample import seeded_generator
+
+from conftest import REPO
+from test_selection import accelerate_two_processes
+
+
+def run_script(script, args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def mask_path(tiny_pipeline_dir, fashion_data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mask") / "mask.json")
+    res = run_script("select_salient.py", [
+        "--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", fashion_data_dir, "--resolution",
+        "32", "--class_prompts", "fashion_mnist", "--output", out, "--dp_seed", "0"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def train_args(model, data_dir, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data_dir, "--resolution", "32",
+            "--class_prompts", "fashion_mnist", "--output_dir", out, "--train_batch_size", "8",
+            "--max_physical_batch_size", "4", "--max_train_steps", "4", "--validation_inference_steps", "2",
+            "--report_to", "none", "--dp_seed", "3", "--learning_rate", "1e-2", *extra]
+
+
+def lora_tensors(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_end_to_end_outputs_and_reload(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    out = str(tmp_path / "run")
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, out, "--saliency_mask",
+                                                    mask_path, "--target_epsilon", "8", "--rank", "4",
+                                                    "--lora_alpha", "8"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "privacy_report.json")))
+    assert report["epsilon"] <= 8 and report["steps"] == 4 and report["dataset_size"] == 40
+    assert report["sample_rate"] == pytest.approx(8 / 40) and report["delta"] == pytest.approx(1 / 40)
+    assert report["budget_split"]["epsilon_selection_only"] > 0
+    assert json.load(open(os.path.join(out, "run_status.json")))["status"] == "complete"
+    card = open(os.path.join(out, "README.md")).read()
+    assert "differential-privacy" in card and "dp-sapf" in card and "epsilon:" in card and "load_lora_weights" in card
+    mask = saliency.read_mask(mask_path)
+    tensors = lora_tensors(out)
+    assert {k.split(".lora")[0].removeprefix("unet.") for k in tensors} == set(mask["target_modules"])
+
+    # a fresh pipeline + load_lora_weights changes the images ...
+    def render(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("An image of a dress", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    before = render(base)
+    base.load_lora_weights(out)
+    after = render(base)
+    assert np.abs(after - before).max() > 1e-4
+    # ... and equals the adapted model built in memory from the same tensors (alpha != rank reloads right)
+    ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    ref.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                    target_modules=mask["target_modules"]))
+    set_peft_model_state_dict(ref.unet, convert_unet_state_dict_to_peft(
+        {k.removeprefix("unet."): v for k, v in tensors.items()}), adapter_name="default")
+    assert np.allclose(render(ref), after, atol=1e-5)
+
+
+def test_resume_equals_uninterrupted_run(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    common = ["--saliency_mask", mask_path, "--target_epsilon", "8", "--checkpointing_steps", "2"]
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *common))
+    assert res.returncode == 0, res.stderr[-3000:]
+    # a run "killed" after step 2: only its checkpoint survives; resuming it must give the same result
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, resumed, *common,
+                                                    "--resume_from_checkpoint", "latest", "--dp_seed", "999"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = lora_tensors(full), lora_tensors(resumed)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    ra = json.load(open(os.path.join(full, "privacy_report.json")))
+    rb = json.load(open(os.path.join(resumed, "privacy_report.json")))
+    assert ra["epsilon"] == rb["epsilon"] and rb["steps"] == 4
+    # changing a privacy flag on resume is refused
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, resumed, *common,
+                                                    "--resume_from_checkpoint", "latest", "--max_grad_norm", "0.5"))
+    assert res.returncode == 2 and "max_grad_norm" in res.stderr
+
+
+def test_two_processes_equal_one_process(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    extra = ["--saliency_mask", mask_path, "--noise_multiplier", "1.0", "--max_train_steps", "3"]
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, one, *extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = accelerate_two_processes("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, two, *extra),
+                                   tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = lora_tensors(one), lora_tensors(two)
+    for k in a:  # same Poisson sample, same clipped sum, the noise added once: same weights
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("extra", [
+    ["--lora_target", "all_attention", "--target_epsilon", "8"],
+    ["--train_mode", "direct", "--target_epsilon", "8"],
+    ["--train_mode", "direct", "--lora_target", "all_attention", "--target_epsilon", "8"],
+    ["--train_mode", "full", "--lora_target", "all_attention", "--target_epsilon", "8", "--max_train_steps", "1"],
+    ["--no_dp"],
+    ["--target_epsilon", "8", "--mixed_precision", "bf16"],
+])
+def test_every_mode_runs(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path, extra):
+    if "--lora_target" not in extra:
+        extra = ["--saliency_mask", mask_path, *extra]
+    out = str(tmp_path / "run")
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, out, *extra,
+                                                    "--max_train_steps", "2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "privacy_report.json")))
+    assert report["private"] == ("--no_dp" not in extra)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target_epsilon", "0.05"], "selection alone"),
+    (["--target_epsilon", "8", "--train_batch_size", "41"], "exceeds the dataset size"),
+    (["--target_epsilon", "8", "--max_train_samples", "30"], "N = 40 images but training data has N = 30"),
+    (["--noise_multiplier", "1", "--target_epsilon", "3"], "exactly one of"),
+])
+def test_bad_inputs_fail_before_training(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path, extra, message):
+    out = str(tmp_path / "run")
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, out, "--saliency_mask",
+                                                    mask_path, *extra))
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-3000:]
+    assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_mask_for_another_model_is_refused(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    mask = json.load(open(mask_path))
+    mask["candidates"] = {k: [v[0] * 2, v[1]] for k, v in mask["candidates"].items()}
+    mask["candidate_fingerprint"] = "0" * 64  # what a mask made on another architecture carries
+    other = str(tmp_path / "other.json")
+    json.dump(mask, open(other, "w"))
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, str(tmp_path / "r"),
+                                                    "--saliency_mask", other, "--target_epsilon", "8"))
+    assert res.returncode == 2 and "another model" in res.stderr
+
+
+def test_delta_above_one_over_n_warns(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, str(tmp_path / "r"),
+                                                    "--saliency_mask", mask_path, "--target_epsilon", "8",
+                                                    "--target_delta", "0.1", "--max_train_steps", "1"))
+    assert res.returncode == 0 and "exceeds 1/N" in res.stderr
+
+
+def test_poisson_batches_are_binomial():
+    n, q, trials = 500, 0.1, 400
+    sizes = np.array([data.poisson_sample(n, q, seeded_generator(0, "poisson", t)).shape[0] for t in range(trials)])
+    mean, var = n * q, n * q * (1 - q)
+    assert abs(sizes.mean() - mean) < 4 * np.sqrt(var / trials)
+    assert 0.7 * var < sizes.var() < 1.3 * var
+    shares = [data.shard(torch.arange(10), r, 3) for r in range(3)]
+    assert sorted(torch.cat(shares).tolist()) == list(range(10))
