@@ -441,6 +441,7 @@ def privacy_report(args, ledger, mask, n):
                                                                 "select_ratio", "scorer", "num_selected",
                                                                 "candidate_fingerprint", "target_modules")},
         "base_model": args.pretrained_model_name_or_path,
+        "resolution": args.resolution,
         "neighbouring": "add/remove one image; N, class prompts and the base model are public",
         "private": private,
     }

@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Render a labelled synthetic dataset from the base model + DP LoRA (post-processing: no extra privacy cost).
+
+    accelerate launch sample.py --pretrained_model_name_or_path MODEL --lora_path dp-sapf-lora \
+        --num_images_per_class 6000 --resolution 256 --output_resolution 32 --output_dir synthetic
+
+Class names and prompts come from the training run's privacy_report.json (or --class_prompts). Image k of
+class c always gets the same seed, so any process count gives the same images, and a rerun skips the images
+already written. Output: <output_dir>/<class>/<k>.png, metadata.jsonl and preview.png.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dp_sapf import data, distributed, modeling
+from dp_sapf.cli import run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modeling.add_model_args(p)
+    p.add_argument("--lora_path", type=str, default=None,
+                   help="Training output folder or Hub id holding pytorch_lora_weights.safetensors (None: the base "
+                        "model alone, e.g. a full fine-tune's output folder as --pretrained_model_name_or_path).")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="Scale of the LoRA update.")
+    p.add_argument("--class_prompts", type=str, default=None,
+                   help="Class -> prompt mapping (built-in set name, JSON file or inline JSON object). Default: the "
+                        "class names and prompts recorded in the training run's privacy_report.json.")
+    p.add_argument("--num_images_per_class", type=int, default=None, help="Images per class.")
+    p.add_argument("--num_images", type=int, default=None,
+                   help="Total images, spread evenly over the classes (the first classes get one more when uneven).")
+    p.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps.")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="Sampling resolution (default: the training run's --resolution, else 512).")
+    p.add_argument("--output_resolution", type=int, default=None,
+                   help="Resize saved images to this size (LANCZOS), e.g. 32 for CIFAR-like data sampled at 256.")
+    p.add_argument("--batch_size", type=int, default=16, help="Images per pipeline call on each process.")
+    p.add_argument("--seed", type=int, default=0, help="Base seed: image k of class c uses seed (seed, c, k).")
+    p.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Weight dtype for sampling (default: accelerate's config).")
+    p.add_argument("--output_dir", type=str, default="synthetic", help="Where the labelled images go.")
+    args = p.parse_args(argv)
+    if (args.num_images_per_class is None) == (args.num_images is None):
+        p.error("Give exactly one of --num_images_per_class or --num_images.")
+    if (args.num_images_per_class or args.num_images) < 1 or args.batch_size < 1:
+        p.error("Image counts and --batch_size must be >= 1.")
+    return args
+
+
+def training_report(args) -> dict | None:
+    """The privacy report of the run being sampled (LoRA folder or full-pipeline folder), if local."""
+    for folder in (args.lora_path, args.pretrained_model_name_or_path):
+        if folder and os.path.isdir(folder):
+            status = os.path.join(folder, "run_status.json")
+            if os.path.isfile(status) and json.load(open(status)).get("status") != "complete":
+                raise ValueError(f"{folder} is not a finished training run (run_status.json says "
+                                 f"{json.load(open(status)).get('status')!r}).")
+            path = os.path.join(folder, "privacy_report.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    return json.load(f)
+    return None
+
+
+def classes_and_prompts(args, report) -> tuple[list[str], list[str]]:
+    """Class names (folder names) and prompts, in label order."""
+    if args.class_prompts is None:
+        if not report or "class_prompts" not in report:
+            raise ValueError("No class prompts: give --class_prompts, or --lora_path to a training output folder.")
+        return list(report["class_names"]), list(report["class_prompts"])
+    if args.class_prompts in data.BUILTIN_CLASS_PROMPTS:
+        mapping = data.BUILTIN_CLASS_PROMPTS[args.class_prompts]
+    elif os.path.isfile(args.class_prompts):
+        mapping = json.load(open(args.class_prompts))
+    else:
+        mapping = json.loads(args.class_prompts)
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError("--class_prompts must map class names to prompts here (folder names come from its keys).")
+    names = list(mapping)
+    if report and "class_names" in report:  # keep the training run's label order and names
+        by_name = {data.normalise_name(k): v for k, v in mapping.items()}
+        names = [n for n in report["class_names"] if data.normalise_name(n) in by_name]
+        return names, [by_name[data.normalise_name(n)] for n in names]
+    return names, [mapping[n] for n in names]
+
+
+def image_counts(args, num_classes) -> list[int]:
+    """Images per class: balanced."""
+    if args.num_images_per_class is not None:
+        return [args.num_images_per_class] * num_classes
+    base, extra = divmod(args.num_images, num_classes)
+    return [base + (c < extra) for c in range(num_classes)]
+
+
+def image_path(output_dir, class_name, k) -> str:
+    return os.path.join(output_dir, class_name, f"{k:05d}.png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    report = training_report(args)
+    names, prompts = classes_and_prompts(args, report)
+    resolution = args.resolution or (report or {}).get("resolution") or 512
+    counts = image_counts(args, len(names))
+    accelerator = distributed.make_accelerator(args)
+    dtype = modeling.weight_dtype_for(accelerator.mixed_precision)
+    pipe = modeling.load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                  lora_path=args.lora_path, lora_scale=args.lora_scale, torch_dtype=dtype)
+    pipe.to(accelerator.device)
+
+    jobs = [(c, k) for c in range(len(names)) for k in range(counts[c])]
+    todo = [j for j in jobs if not os.path.isfile(image_path(args.output_dir, names[j[0]], j[1]))]
+    mine = todo[accelerator.process_index::accelerator.num_processes]
+    for name in names:
+        os.makedirs(os.path.join(args.output_dir, name), exist_ok=True)
+    accelerator.print(f"{len(jobs)} images over {len(names)} classes; {len(jobs) - len(todo)} already there.")
+    progress = tqdm(total=len(mine), desc="Sampling", unit="img", disable=not accelerator.is_local_main_process)
+    for start in range(0, len(mine), args.batch_size):
+        batch = mine[start:start + args.batch_size]
+        generators = [torch.Generator(device=accelerator.device).manual_seed(args.seed * 1_000_003 + c * 10_007 + k)
+                      for c, k in batch]  # one per image: the image does not depend on its batch or process
+        images = pipe([prompts[c] for c, _ in batch], num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, height=resolution, width=resolution,
+                      generator=generators).images
+        for (c, k), image in zip(batch, images):
+            if args.output_resolution and args.output_resolution != resolution:
+                image = image.resize((args.output_resolution, args.output_resolution), Image.Resampling.LANCZOS)
+            path = image_path(args.output_dir, names[c], k)
+            image.save(path + ".tmp.png")
+            os.replace(path + ".tmp.png", path)  # a killed run never leaves a truncated image behind
+        progress.update(len(batch))
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_index(args, names, prompts, counts)
+    distributed.finish(accelerator)
+
+
+def write_index(args, names, prompts, counts):
+    """metadata.jsonl (file, label, class, prompt) and a preview grid of up to 8 images per class."""
+    with open(os.path.join(args.output_dir, "metadata.jsonl"), "w") as f:
+        for c, (name, prompt) in enumerate(zip(names, prompts)):
+            for k in range(counts[c]):
+                f.write(json.dumps({"file_name": f"{name}/{k:05d}.png", "label": c, "class_name": name,
+                                    "prompt": prompt}) + "\n")
+    columns = min(8, max(counts))
+    first = Image.open(image_path(args.output_dir, names[0], 0))
+    w, h = first.size
+    grid = Image.new("RGB", (columns * w, len(names) * h))
+    for c, name in enumerate(names):
+        for k in range(min(columns, counts[c])):
+            grid.paste(Image.open(image_path(args.output_dir, name, k)).convert("RGB"), (k * w, c * h))
+    grid.save(os.path.join(args.output_dir, "preview.png"))
+    print(f"Wrote {sum(counts)} images to {args.output_dir} (preview.png, metadata.jsonl)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
