@@ -12,7 +12,6 @@ the mask's selection cost, meets the target. The output folder holds pytorch_lor
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dp_sapf import data, distributed, hub, modeling, privacy, saliency
 from dp_sapf.cli import add_runtime_args, run_cli
-from dp_sapf.per_sample import ClippedGradientSum, LinearPerSampleHooks, opacus_grad_samples, seeded_generator
+from dp_sapf.per_sample import LinearPerSampleHooks, StepGradients, seeded_generator
 
 logger = logging.getLogger("train_dp_sapf")
 STATUS_FILE = "run_status.json"
@@ -330,7 +329,9 @@ def main(argv=None):
                                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                      num_training_steps=args.max_train_steps)
-        clipped = ClippedGradientSum(params, args.max_grad_norm)
+        step_gradients = StepGradients(model, parts.noise_scheduler, params, private=private,
+                                       max_grad_norm=args.max_grad_norm, hooks=hooks, accelerator=accelerator,
+                                       autocast=accelerator.autocast)
 
         first_step, dp_seed = 0, None
         if args.resume_from_checkpoint:
@@ -350,45 +351,31 @@ def main(argv=None):
                                                          if isinstance(v, (int, float, str, bool))})
 
         num_timesteps = parts.noise_scheduler.config.num_train_timesteps
+        epsilon_every = 1 if args.accountant == "rdp" else max(1, args.max_train_steps // 50)
+        spent = ledger.epsilon_spent()
         parts.unet.train()
         progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
                         desc="DP-SGD" if private else "non-private", disable=not accelerator.is_main_process)
         for step in range(first_step, args.max_train_steps):
             indices = data.poisson_sample(n, ledger.sample_rate, seeded_generator(dp_seed, "poisson", step, device=device))
-            clipped.reset()
-            loss_sum = torch.zeros((), device=device)
             batches = data.micro_batches(
                 cache, prompt_embeds, indices, rank=accelerator.process_index, world_size=accelerator.num_processes,
                 micro_batch_size=args.max_physical_batch_size, num_train_timesteps=num_timesteps,
                 generator=seeded_generator(args.seed, "train", step, device=device), device=device)
-            with hooks if hooks is not None else contextlib.nullcontext():
-                for latents, hidden, noise, timesteps in batches:
-                    with accelerator.autocast():
-                        losses = modeling.per_sample_diffusion_loss(model, parts.noise_scheduler, latents, hidden,
-                                                                    noise, timesteps)
-                    losses.sum().backward()  # a sum: each per-sample gradient is that of its own loss
-                    loss_sum += losses.detach().sum()
-                    if private:
-                        clipped.add(hooks.pop() if hooks is not None else opacus_grad_samples(params))
-                        for p in params:
-                            p.grad = None
-            if private:
-                clipped.all_reduce(accelerator)
-                noisy = clipped.noisy_sums(ledger.noise_multiplier, seeded_generator(dp_seed, "noise", step, device=device))
-                for p, s in zip(params, noisy):
-                    p.grad = s / args.train_batch_size  # the expected batch, not the realised one
-            else:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad = accelerator.reduce(p.grad, reduction="sum") / max(1, indices.shape[0])
+            loss_sum = step_gradients(batches, noise_multiplier=ledger.noise_multiplier,
+                                      noise_generator=seeded_generator(dp_seed, "noise", step, device=device),
+                                      expected_batch_size=args.train_batch_size, realised_batch_size=indices.shape[0])
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ledger.steps_done = step + 1
 
             loss = (accelerator.reduce(loss_sum, reduction="sum") / max(1, indices.shape[0])).item()
-            logs = {"loss": loss, "epsilon": ledger.epsilon_spent() if private else float("inf"),
+            if not private:
+                spent = float("inf")
+            elif (step + 1) % epsilon_every == 0 or step + 1 == args.max_train_steps:
+                spent = ledger.epsilon_spent()  # numerical accountants take ~1 s: not at every step
+            logs = {"loss": loss, "epsilon": spent,
                     "batch": int(indices.shape[0]), "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(loss=f"{loss:.4f}", eps=f"{logs['epsilon']:.3g}", batch=logs["batch"])
             progress.update(1)

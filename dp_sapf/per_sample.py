@@ -163,3 +163,54 @@ class ClippedGradientSum:
         std = noise_multiplier * self.max_grad_norm
         return [s + std * torch.randn(s.shape, generator=generator, device=generator.device,
                                        dtype=torch.float32).to(s.device) for s in self.sums]
+
+
+class StepGradients:
+    """One logical batch -> the gradient the optimizer applies (training and benchmarks share this code).
+
+    Private: per-sample gradients (hooks or opacus), joint clip, sum over micro-batches and processes, noise
+    N(0, σ²C²) once, division by the expected batch B. Non-private: the plain mean over the realised batch.
+    """
+
+    def __init__(self, model, noise_scheduler, params: list[nn.Parameter], *, private: bool, max_grad_norm: float,
+                 hooks: LinearPerSampleHooks | None = None, accelerator=None, autocast=None):
+        import contextlib
+
+        self.model, self.noise_scheduler, self.params = model, noise_scheduler, params
+        self.private, self.hooks, self.accelerator = private, hooks, accelerator
+        self.autocast = autocast or contextlib.nullcontext
+        self.clipped = ClippedGradientSum(params, max_grad_norm)
+
+    def __call__(self, batches, *, noise_multiplier: float, noise_generator: torch.Generator | None,
+                 expected_batch_size: int, realised_batch_size: int) -> torch.Tensor:
+        """Set p.grad for every trainable tensor; return this process's summed loss (no host sync)."""
+        import contextlib
+
+        from .modeling import per_sample_diffusion_loss
+
+        self.clipped.reset()
+        loss_sum = None
+        with self.hooks if self.private and self.hooks is not None else contextlib.nullcontext():
+            for latents, hidden, noise, timesteps in batches:
+                with self.autocast():
+                    losses = per_sample_diffusion_loss(self.model, self.noise_scheduler, latents, hidden, noise,
+                                                       timesteps)
+                losses.sum().backward()  # a sum: each per-sample gradient is that of its own loss
+                loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
+                if self.private:
+                    self.clipped.add(self.hooks.pop() if self.hooks is not None else opacus_grad_samples(self.params))
+                    for p in self.params:
+                        p.grad = None
+        if self.private:
+            self.clipped.all_reduce(self.accelerator)
+            noisy = self.clipped.noisy_sums(noise_multiplier, noise_generator)
+            for p, s in zip(self.params, noisy):
+                p.grad = s / expected_batch_size  # the expected batch, not the realised one
+        else:
+            for p in self.params:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                if self.accelerator is not None and self.accelerator.num_processes > 1:
+                    grad = self.accelerator.reduce(grad, reduction="sum")
+                p.grad = grad / max(1, realised_batch_size)
+        device = self.params[0].device
+        return loss_sum if loss_sum is not None else torch.zeros((), device=device)
