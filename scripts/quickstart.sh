@@ -3,14 +3,19 @@
 # (offline tiny Stable Diffusion pipeline + 1,000 real Fashion-MNIST images), all on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+[ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
 RUN=${RUN_DIR:-runs/quickstart}
 MODEL=${MODEL:-$RUN/tiny-sd}
 mkdir -p "$RUN"
-start=$(date +%s)
-stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
+start=$EPOCHREALTIME; last=$start; current=""; : > "$RUN/timings.tsv"
+stage() {  # print the stage banner and record the wall time of the one that just ended
+  now=$EPOCHREALTIME
+  [ -z "$current" ] || awk -v n="$current" -v a="$last" -v b="$now" 'BEGIN{printf "%s\t%.1f\n", n, b - a}' >> "$RUN/timings.tsv"
+  current=$1; last=$now
+  echo; echo "== $1 ($(awk -v a="$start" -v b="$now" 'BEGIN{printf "%.0f", b - a}') s)"
+}
 
 stage "embedded default model"
 [ -f "$MODEL/model_index.json" ] || $PY -m dp_sapf.tiny_pipeline --output_dir "$MODEL"
@@ -39,6 +44,9 @@ m = json.load(open(f"{run}/eval/metrics.json"))
 s = r["budget_split"]
 print(f"epsilon = {r['epsilon']:.3f} at delta = {r['delta']:.2g} (selection alone {s['epsilon_selection_only']:.3f}, "
       f"training alone {s['epsilon_training_only']:.3f}, selection share {s['selection_share']:.1%})")
-print("metrics:", json.dumps({k: v for k, v in m.items() if k.startswith(("fid", "accuracy", "real"))}))
+print("metrics:", json.dumps({k: v for k, v in m.items() if k.startswith(("fid", "accuracy", "real_reference"))}))
+stages = {name: float(sec) for name, sec in (line.rstrip("\n").split("\t") for line in open(f"{run}/timings.tsv"))}
+json.dump({"stages_s": stages, "total_s": sum(stages.values())}, open(f"{run}/timings.json", "w"), indent=2)
+print(f"wall time {sum(stages.values()):.0f} s: " + ", ".join(f"{k.split(':')[0]} {v:.0f} s" for k, v in stages.items()))
 PYEOF
 echo "Results in $RUN (lora/, synthetic/preview.png, eval/metrics.md)"
