@@ -79,6 +79,63 @@ class LinearPerSampleHooks:
             self.grad_samples[param] = grad_sample
 
 
+class LinearPerSampleProbes:
+    """Per-sample gradients of chosen nn.Linear modules computed by autograd itself, for torch.compile.
+
+    Each module gets a zero "probe" P of shape (B_max, out, in) and its output becomes Linear(x) + x_b·P_bᵀ.
+    P = 0 leaves the function unchanged and ∂L/∂P_b = ∂L_b/∂W, so autograd writes the per-sample gradients
+    into P.grad. Unlike `LinearPerSampleHooks` there is no tensor hook (tensor hooks split torch.compile's
+    graph at every hooked layer), and the per-sample tensors are the size of the hooked weights (LoRA-sized
+    for LoRA). Under autocast the product runs in the autocast dtype, with fp32 accumulation. The forward
+    hooks stay registered for the life of the object (compile traces them once); `pop` reads and clears.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], max_batch_size: int, include_bias: bool = True):
+        self.modules = modules
+        self.include_bias = include_bias
+        self.probes: dict[nn.Parameter, torch.Tensor] = {}
+        for module in modules.values():
+            w = module.weight
+            self.probes[w] = torch.zeros(max_batch_size, *w.shape, device=w.device, requires_grad=True)
+            if self._has_bias(module):
+                self.probes[module.bias] = torch.zeros(max_batch_size, *module.bias.shape, device=w.device,
+                                                       requires_grad=True)
+            module.register_forward_hook(self._forward_hook)
+
+    def _has_bias(self, module) -> bool:
+        return self.include_bias and module.bias is not None and module.bias.requires_grad
+
+    def params(self) -> list[nn.Parameter]:
+        return list(self.probes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def _forward_hook(self, module: nn.Linear, inputs, output):
+        if not torch.is_grad_enabled():
+            return output
+        x = inputs[0]
+        b = x.shape[0]
+        flat = x.reshape(b, -1, x.shape[-1])
+        delta = torch.bmm(flat, self.probes[module.weight][:b].to(flat.dtype).transpose(1, 2))
+        if self._has_bias(module):
+            delta = delta + self.probes[module.bias][:b].to(delta.dtype)[:, None, :]
+        return output + delta.reshape(output.shape).to(output.dtype)
+
+    def pop(self, batch_size: int) -> dict[nn.Parameter, torch.Tensor]:
+        """The per-sample gradients of the last backward (first `batch_size` rows), then clear them."""
+        out = {}
+        for param, probe in self.probes.items():
+            if probe.grad is None:
+                raise RuntimeError("A hooked module got no per-sample gradient (is it used in the forward pass?).")
+            out[param] = probe.grad[:batch_size]
+            probe.grad = None
+        return out
+
+
 def opacus_grad_samples(params: list[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
     """Take (and clear) the `grad_sample` that opacus' GradSampleModule left on each parameter."""
     out = {}
@@ -173,7 +230,7 @@ class StepGradients:
     """
 
     def __init__(self, model, noise_scheduler, params: list[nn.Parameter], *, private: bool, max_grad_norm: float,
-                 hooks: LinearPerSampleHooks | None = None, accelerator=None, autocast=None):
+                 hooks: LinearPerSampleHooks | LinearPerSampleProbes | None = None, accelerator=None, autocast=None):
         import contextlib
 
         self.model, self.noise_scheduler, self.params = model, noise_scheduler, params
@@ -198,7 +255,13 @@ class StepGradients:
                 losses.sum().backward()  # a sum: each per-sample gradient is that of its own loss
                 loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
                 if self.private:
-                    self.clipped.add(self.hooks.pop() if self.hooks is not None else opacus_grad_samples(self.params))
+                    if isinstance(self.hooks, LinearPerSampleProbes):
+                        grad_samples = self.hooks.pop(latents.shape[0])
+                    elif self.hooks is not None:
+                        grad_samples = self.hooks.pop()
+                    else:
+                        grad_samples = opacus_grad_samples(self.params)
+                    self.clipped.add(grad_samples)
                     for p in self.params:
                         p.grad = None
         if self.private:

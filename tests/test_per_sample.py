@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dp_sapf import modeling, saliency
-from dp_sapf.per_sample import ClippedGradientSum, LinearPerSampleHooks, opacus_grad_samples, seeded_generator
+from dp_sapf.per_sample import (ClippedGradientSum, LinearPerSampleHooks, LinearPerSampleProbes, StepGradients,
+                                opacus_grad_samples, seeded_generator)
 
 
 def _inputs(parts, batch, seed=0):
@@ -47,18 +48,19 @@ def lora_parts(tiny_pipeline_dir):
     return parts, params
 
 
+@pytest.mark.parametrize("engine", ["hooks", "probes"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_hooks_match_batch1_loop(lora_parts, dtype):
+def test_engines_match_batch1_loop(lora_parts, dtype, engine):
     parts, params = lora_parts
     inputs = _inputs(parts, 3)
     modules = {n: m for n, m in parts.unet.named_modules()
                if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
     ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
-    hooks = LinearPerSampleHooks(modules)
+    hooks = LinearPerSampleHooks(modules) if engine == "hooks" else LinearPerSampleProbes(modules, max_batch_size=5)
     with hooks, ctx:
         loss = modeling.per_sample_diffusion_loss(parts.unet, parts.noise_scheduler, *inputs).sum()
     loss.backward()
-    got = hooks.pop()
+    got = hooks.pop() if engine == "hooks" else hooks.pop(3)
     with ctx:
         want = _reference_grads(parts.unet, parts.noise_scheduler, params, inputs)
     tol = 1e-4 if dtype is None else 3e-2
@@ -118,3 +120,23 @@ def test_seeded_generators_are_per_key():
     b = torch.rand(3, generator=seeded_generator(1, "noise", 5))
     c = torch.rand(3, generator=seeded_generator(1, "noise", 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_probes_leave_the_model_unchanged_and_compile(lora_parts):
+    """Zero probes change no output; under torch.compile the step gives the eager step's clipped sums."""
+    parts, params = lora_parts
+    inputs = _inputs(parts, 2, seed=3)
+    with torch.no_grad():
+        before = modeling.per_sample_diffusion_loss(parts.unet, parts.noise_scheduler, *inputs)
+    modules = {n: m for n, m in parts.unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+    probes = LinearPerSampleProbes(modules, max_batch_size=2)
+    sums = []
+    for model in (parts.unet, torch.compile(parts.unet, backend="aot_eager")):
+        loss = modeling.per_sample_diffusion_loss(model, parts.noise_scheduler, *inputs)
+        assert torch.allclose(loss.detach(), before, atol=1e-6)
+        step = StepGradients(model, parts.noise_scheduler, params, private=True, max_grad_norm=1e-3, hooks=probes)
+        step([inputs], noise_multiplier=0.0, noise_generator=None, expected_batch_size=2, realised_batch_size=2)
+        sums.append([p.grad.clone() for p in params])
+    for eager, compiled in zip(*sums):
+        assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-9)

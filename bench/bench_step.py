@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Throughput of the DP step against the same non-private step, measured in one run (ratios, not absolutes).
+
+    python bench/bench_step.py --model tiny                        # CPU, the embedded default
+    accelerate launch bench/bench_step.py --model sd15 --batch_size 64 --latent_size 32 --mixed_precision bf16
+
+`sd15` is a UNet built from the real SD-v1.5 config (random init: same architecture and cost, no download).
+Every row calls the code the scripts run (`StepGradients`, `select_salient`), on synthetic latents.
+Writes JSON and appends a markdown table to --markdown (default docs/benchmarks.md).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dp_sapf import distributed, modeling, saliency  # noqa: E402
+from dp_sapf.per_sample import LinearPerSampleHooks, LinearPerSampleProbes, StepGradients, seeded_generator  # noqa: E402
+
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny", help="Which UNet to time.")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="For --model tiny: a pipeline folder (default: build the embedded default in a temp dir).")
+    p.add_argument("--batch_size", type=int, default=16, help="Samples per micro-batch.")
+    p.add_argument("--latent_size", type=int, default=None, help="Latent side (default: the UNet's sample_size).")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Autocast dtype.")
+    p.add_argument("--select_ratio", type=float, default=0.3, help="Mask size for the LoRA rows.")
+    p.add_argument("--steps", type=int, default=10, help="Timed steps per row.")
+    p.add_argument("--warmup", type=int, default=2, help="Untimed steps per row.")
+    p.add_argument("--compile", action="store_true",
+                   help="Also time the 30%% mask rows with torch.compile (non-private and DP with probes).")
+    p.add_argument("--output_json", default=None, help="Where to write the JSON results.")
+    p.add_argument("--markdown", default="docs/benchmarks.md", help="Markdown file the table is appended to.")
+    return p.parse_args()
+
+
+def load_models(args):
+    """(UNet, VAE, noise scheduler): SD-v1.5's architectures at random init, or a pipeline folder's."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    if args.model == "sd15":
+        torch.manual_seed(0)
+        return (UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
+                DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              num_train_timesteps=1000))
+    path = args.pretrained_model_name_or_path
+    if path is None:
+        import tempfile
+
+        from dp_sapf.tiny_pipeline import build_tiny_pipeline
+
+        path = build_tiny_pipeline(os.path.join(tempfile.mkdtemp(), "tiny-sd"))
+    parts = modeling.load_pipeline_parts(path)
+    return parts.unet, parts.vae, parts.noise_scheduler
+
+
+def synthetic_batch(unet, batch, size, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    shape = (batch, c.in_channels, size, size)
+    return [(torch.randn(shape, generator=g).to(device), torch.randn(batch, 77, c.cross_attention_dim, generator=g).to(device),
+             torch.randn(shape, generator=g).to(device), torch.randint(0, 1000, (batch,), generator=g).to(device))]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, args, device):
+    """Samples/s of fn over args.steps calls after args.warmup, and peak memory."""
+    for _ in range(args.warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        fn()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"samples_per_s": args.steps * args.batch_size / elapsed, "peak_memory_gib": peak / 2 ** 30}
+
+
+def lora_rows(args, unet_factory, scheduler, device, autocast, label, targets_fn, variants):
+    """LoRA steps on the same matrices, inputs and optimizer: (private, per-sample engine, compiled) variants."""
+    rows = {}
+    for private, engine, compiled in variants:
+        unet = unet_factory()
+        targets = targets_fn(unet)
+        params = modeling.add_lora(unet, targets, rank=4)
+        with torch.no_grad():  # non-zero B, as after a few steps, so every LoRA tensor has gradients
+            for name, p in unet.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 1e-3)
+        unet.to(device)
+        linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+        hooks = None
+        if private:
+            hooks = (LinearPerSampleProbes(linears, args.batch_size) if engine == "probes"
+                     else LinearPerSampleHooks(linears))
+        if compiled:
+            torch._dynamo.reset()  # dynamo does not guard on module hooks: never reuse another variant's graph
+        model = torch.compile(unet) if compiled else unet
+        step = StepGradients(model, scheduler, params, private=private, max_grad_norm=1.0, hooks=hooks,
+                             autocast=autocast)
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        batches = synthetic_batch(unet, args.batch_size, args.latent_size, device, 0)
+        generator = seeded_generator(0, "bench", device=device)
+
+        def run():
+            step(batches, noise_multiplier=1.0, noise_generator=generator, expected_batch_size=args.batch_size,
+                 realised_batch_size=args.batch_size)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        name = f"{label} {'DP (' + engine + ')' if private else 'non-private'}{', compiled' if compiled else ''}"
+        rows[name] = {**timed(run, args, device), "trainable_matrices": len(targets)}
+        print(name, rows[name], flush=True)
+        del unet, model, optimizer, step, hooks
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    args = parse_args()
+    accelerator = distributed.make_accelerator(args)
+    device, dtype = accelerator.device, modeling.weight_dtype_for(args.mixed_precision)
+    base, vae, scheduler = load_models(args)
+    args.latent_size = args.latent_size or base.config.sample_size
+
+    def fresh():
+        import copy
+
+        unet = copy.deepcopy(base).requires_grad_(False)
+        return unet.to(device, dtype) if dtype != torch.float32 else unet.to(device)
+
+    names = list(saliency.candidate_modules(base, "attention_qkv"))
+    k = saliency.num_selected(args.select_ratio, len(names))
+    mask = [names[round(i * len(names) / k)] for i in range(k)]  # spread over the UNet, like a real mask
+    eager = [(False, None, False), (True, "hooks", False), (True, "probes", False)]
+    compiled = [(False, None, True), (True, "probes", True)] if args.compile else []
+    rows = {}
+    rows.update(lora_rows(args, fresh, scheduler, device, accelerator.autocast, "LoRA 30% mask",
+                          lambda unet: mask, eager + compiled))
+    rows.update(lora_rows(args, fresh, scheduler, device, accelerator.autocast, "LoRA all attention",
+                          lambda unet: list(saliency.candidate_modules(unet, "attention_qkvo")), eager))
+
+    # selection pass vs a plain forward+backward into all q/k/v weights
+    unet = fresh()
+    modules = saliency.candidate_modules(unet, "attention_qkv")
+    batches = synthetic_batch(unet, args.batch_size, args.latent_size, device, 1)
+
+    def plain():
+        weights = [m.weight for m in modules.values()]
+        for w in weights:
+            w.requires_grad_(True)
+        with accelerator.autocast():
+            loss = modeling.per_sample_diffusion_loss(unet, scheduler, *batches[0]).sum()
+        loss.backward()
+        for w in weights:
+            w.grad = None
+            w.requires_grad_(False)
+
+    def selection():
+        saliency.select_salient(type("P", (), {"unet": unet, "noise_scheduler": scheduler}), modules, batches,
+                                dataset_size=args.batch_size, scorer="grad_norm", noise_multiplier=5.0,
+                                max_grad_norm=1.0, ratio=0.3, granularity="matrix",
+                                noise_generator=seeded_generator(0, "bench", device=device), autocast=accelerator.autocast)
+
+    rows["plain fwd+bwd into all q/k/v"] = timed(plain, args, device)
+    print("plain", rows["plain fwd+bwd into all q/k/v"], flush=True)
+    rows["selection pass (per-sample norms, clip, noise)"] = timed(selection, args, device)
+
+    # one sampling step with classifier-free guidance (the UNet on a doubled batch)
+    @torch.no_grad()
+    def sampling_step():
+        lat, hid, _, ts = batches[0]
+        with accelerator.autocast():
+            unet(torch.cat([lat, lat]), torch.cat([ts, ts]), torch.cat([hid, hid]))
+
+    rows["sampling: UNet step with guidance"] = timed(sampling_step, args, device)
+    del unet
+
+    # the VAE: encoding (what caching latents saves at every step) and decoding (once per sampled image)
+    vae = (vae.to(device, dtype) if dtype != torch.float32 else vae.to(device)).requires_grad_(False)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    pixels = torch.randn(args.batch_size, 3, args.latent_size * factor, args.latent_size * factor, device=device)
+    latents = torch.randn(args.batch_size, vae.config.latent_channels, args.latent_size, args.latent_size,
+                          device=device)
+
+    @torch.no_grad()
+    def encode():
+        with accelerator.autocast():
+            vae.encode(pixels).latent_dist.sample()
+
+    @torch.no_grad()
+    def decode():
+        with accelerator.autocast():
+            vae.decode(latents)
+
+    rows["VAE encode"] = timed(encode, args, device)
+    rows["VAE decode"] = timed(decode, args, device)
+
+    def sps(name):
+        return rows[name]["samples_per_s"]
+
+    ratios = {}
+    for label in ("LoRA 30% mask", "LoRA all attention"):
+        for engine in ("hooks", "probes"):
+            ratios[f"{label}: DP ({engine}) / non-private, eager"] = sps(f"{label} DP ({engine})") / sps(f"{label} non-private")
+    if args.compile:
+        ratios["LoRA 30% mask: DP (probes) / non-private, both compiled"] = (
+            sps("LoRA 30% mask DP (probes), compiled") / sps("LoRA 30% mask non-private, compiled"))
+    fastest = {private: max(v["samples_per_s"] for k, v in rows.items() if k.startswith("LoRA 30% mask")
+                            and ("DP" in k) == private) for private in (False, True)}
+    ratios["LoRA 30% mask: fastest DP / fastest non-private (target >= 0.95)"] = fastest[True] / fastest[False]
+    ratios["selection / plain fwd+bwd (target >= 0.75)"] = (sps("selection pass (per-sample norms, clip, noise)")
+                                                           / sps("plain fwd+bwd into all q/k/v"))
+    dp = fastest[True]
+    sel = rows["selection pass (per-sample norms, clip, noise)"]["samples_per_s"]
+    sampling = rows["sampling: UNet step with guidance"]["samples_per_s"]
+    projection = {
+        "paper CIFAR-10 recipe (selection 45,000 + 1000 x 4096 DP samples), hours": (45000 / sel + 1000 * 4096 / dp) / 3600,
+        "60,000 images x 25 steps with guidance + VAE decode, minutes":
+            (60000 * 25 / sampling + 60000 / sps("VAE decode")) / 60,
+    }
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    import diffusers
+    import peft
+
+    result = {"date": datetime.date.today().isoformat(), "device": device_name, "model": args.model,
+              "batch_size": args.batch_size, "latent_size": args.latent_size, "mixed_precision": args.mixed_precision,
+              "compile": args.compile, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                                                     "peft": peft.__version__},
+              "rows": rows, "ratios": ratios, "projections": projection}
+    print(json.dumps(result, indent=2))
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        json.dump(result, open(args.output_json, "w"), indent=2)
+    if args.markdown:
+        write_markdown(result, args.markdown)
+
+
+def write_markdown(result, path):
+    lines = [f"\n## Step throughput: {result['model']} UNet on {result['device']}\n",
+             f"{result['date']}; batch {result['batch_size']}, latents {result['latent_size']}x{result['latent_size']}, "
+             f"mixed precision {result['mixed_precision']}, compile {result['compile']}; "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + "\n",
+             "| row | samples/s | peak memory (GiB) |", "|---|---|---|"]
+    lines += [f"| {k} | {v['samples_per_s']:.1f} | {v['peak_memory_gib']:.2f} |" for k, v in result["rows"].items()]
+    lines += ["", "| ratio (same run) | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    lines += [f"| projected: {k} | {v:.2f} |" for k, v in result["projections"].items()]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
