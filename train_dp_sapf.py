@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dp_sapf import data, distributed, hub, modeling, privacy, saliency
 from dp_sapf.cli import add_runtime_args, run_cli
-from dp_sapf.per_sample import LinearPerSampleHooks, StepGradients, seeded_generator
+from dp_sapf.per_sample import LinearPerSampleHooks, LinearPerSampleProbes, StepGradients, seeded_generator
 
 logger = logging.getLogger("train_dp_sapf")
 STATUS_FILE = "run_status.json"
@@ -60,9 +60,16 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="C: per-sample joint clipping norm.")
     g.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp",
                    help="rdp (as the paper; opacus), or the tighter prv (opacus) / pld (dp-accounting).")
-    g.add_argument("--per_sample_engine", choices=["auto", "hooks", "opacus"], default="auto",
-                   help="hooks: our nn.Linear hooks (any autocast dtype); opacus: GradSampleModule (fp32 only, any "
-                        "layer); auto: hooks when every trainable tensor is in an nn.Linear, else opacus.")
+    g.add_argument("--per_sample_engine", choices=["auto", "hooks", "probes", "opacus"], default="auto",
+                   help="hooks: our nn.Linear hooks (any autocast dtype; fastest in eager mode); probes: per-sample "
+                        "gradients through autograd itself (nn.Linear only; works under --compile, where tensor hooks "
+                        "break the graph); opacus: GradSampleModule (fp32 only, any layer). auto: probes with "
+                        "--compile, else hooks; opacus when a trainable tensor is outside nn.Linear (--train_mode full).")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (same result, ~1.6x the step throughput of eager on an H100; the "
+                        "first steps compile, and Poisson batches of new sizes may recompile).")
+    g.add_argument("--allow_tf32", action="store_true",
+                   help="Allow TF32 matmuls on Ampere+ GPUs (faster fp32 products, slightly less precise).")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=4096,
                    help="Expected logical batch B per step over all processes: Poisson rate q = B/N (paper: 4096).")
@@ -281,6 +288,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     device, weight_dtype = accelerator.device, modeling.weight_dtype_for(accelerator.mixed_precision)
     set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     # Everything that can be checked is checked before any sensitive data is touched beyond its size.
     images = data.load_labelled_images(args, "train", max_samples=args.max_train_samples)
@@ -308,9 +317,14 @@ def main(argv=None):
         params, named, hook_modules = trainable_setup(args, parts, mask)
         engine = args.per_sample_engine
         if engine == "auto":
-            engine = "hooks" if hook_modules is not None else "opacus"
-        if private and engine == "hooks" and hook_modules is None:
-            raise ValueError("--per_sample_engine hooks needs every trainable tensor in an nn.Linear; use opacus.")
+            engine = ("probes" if args.compile else "hooks") if hook_modules is not None else "opacus"
+        if private and engine in ("hooks", "probes") and hook_modules is None:
+            raise ValueError(f"--per_sample_engine {engine} needs every trainable tensor in an nn.Linear; use opacus.")
+        if private and engine == "hooks" and args.compile:
+            raise ValueError("--per_sample_engine hooks cannot run under --compile (tensor hooks break the compiled "
+                             "graph): use probes.")
+        if private and engine == "opacus" and args.compile:
+            raise ValueError("opacus' GradSampleModule does not run under --compile; drop --compile.")
         if private and engine == "opacus" and accelerator.mixed_precision != "no":
             raise ValueError("opacus per-sample gradients fail under autocast (DESIGN §4): use --mixed_precision no "
                              "or --per_sample_engine hooks.")
@@ -320,7 +334,13 @@ def main(argv=None):
 
             parts.unet.train()
             model = GradSampleModule(parts.unet, batch_first=True, loss_reduction="sum")
-        hooks = LinearPerSampleHooks(hook_modules) if private and engine == "hooks" else None
+        hooks = None
+        if private and engine == "hooks":
+            hooks = LinearPerSampleHooks(hook_modules)
+        elif private and engine == "probes":  # registers its forward hooks now, before compile traces them
+            hooks = LinearPerSampleProbes(hook_modules, args.max_physical_batch_size)
+        if args.compile:
+            model = torch.compile(model)
 
         cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip, device=device,
                                     dtype=weight_dtype, show_progress=accelerator.is_main_process)
@@ -331,7 +351,7 @@ def main(argv=None):
                                      num_training_steps=args.max_train_steps)
         step_gradients = StepGradients(model, parts.noise_scheduler, params, private=private,
                                        max_grad_norm=args.max_grad_norm, hooks=hooks, accelerator=accelerator,
-                                       autocast=accelerator.autocast)
+                                       autocast=accelerator.autocast, compile=args.compile)
 
         first_step, dp_seed = 0, None
         if args.resume_from_checkpoint:

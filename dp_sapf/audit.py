@@ -14,6 +14,7 @@ gives ε_lower ≤ ε_claimed; clipping switched off or too little noise gives �
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 
@@ -65,6 +66,33 @@ def epsilon_lower_bound(out_scores, in_scores, delta: float, confidence: float =
     lower = _epsilon_at(out_scores[h_out:], in_scores[h_in:], best, delta, alpha=(1 - confidence))
     return {"epsilon_lower": lower, "threshold": float(best), "confidence": confidence,
             "eval_trials_per_world": int(min(len(out_scores) - h_out, len(in_scores) - h_in))}
+
+
+BUGS = ("none", "no_clipping", "noise_div10")
+
+
+@contextlib.contextmanager
+def injected_bug(kind: str = "none"):
+    """Break the real code on purpose, to show that the audit catches it: clipping off (the noise still scaled
+    to the claimed C), or a tenth of the claimed noise. Used by the tests and `--inject_bug`."""
+    if kind not in BUGS:
+        raise ValueError(f"Unknown bug {kind!r}; choose from {', '.join(BUGS)}.")
+    real_add, real_noisy = ClippedGradientSum.add, ClippedGradientSum.noisy_sums
+    if kind == "no_clipping":
+        def add_without_clipping(self, grad_samples):
+            saved, self.max_grad_norm = self.max_grad_norm, 1e12
+            try:
+                return real_add(self, grad_samples)
+            finally:
+                self.max_grad_norm = saved
+
+        ClippedGradientSum.add = add_without_clipping
+    elif kind == "noise_div10":
+        ClippedGradientSum.noisy_sums = lambda self, sigma, generator: real_noisy(self, sigma / 10, generator)
+    try:
+        yield
+    finally:
+        ClippedGradientSum.add, ClippedGradientSum.noisy_sums = real_add, real_noisy
 
 
 def run_audit(model_dir: str, *, trials: int, noise_multiplier: float, max_grad_norm: float = 1.0,
@@ -140,11 +168,16 @@ def main(argv=None):
                         help="Scale of the canary's conditioning: its gradient grows with it.")
     parser.add_argument("--delta", type=float, default=1e-5, help="δ of the claim and the bound.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the batch, the canary and the noise.")
+    parser.add_argument("--inject_bug", choices=BUGS, default="none",
+                        help="Audit a deliberately broken step (clipping off, or a tenth of the noise) to see the "
+                             "audit catch it. Never use for a real release.")
     parser.add_argument("--output", type=str, default=None, help="Write the result (with all scores) as JSON.")
     args = parser.parse_args(argv)
-    result = run_audit(args.pretrained_model_name_or_path, trials=args.trials, noise_multiplier=args.noise_multiplier,
-                       max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, canary_scale=args.canary_scale,
-                       delta=args.delta, seed=args.seed)
+    with injected_bug(args.inject_bug):
+        result = run_audit(args.pretrained_model_name_or_path, trials=args.trials,
+                           noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
+                           batch_size=args.batch_size, canary_scale=args.canary_scale, delta=args.delta, seed=args.seed)
+    result["injected_bug"] = args.inject_bug
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f)

@@ -1,10 +1,11 @@
 """Per-sample gradients, the joint clip, the clipped sum, its reduction across processes and the Gaussian noise.
 
-Two per-sample engines, each tested against a batch-1 loop:
+Three per-sample engines, each tested against a batch-1 loop:
 - `LinearPerSampleHooks` (written here): a forward hook keeps each nn.Linear's input and a tensor hook on its
-  output receives the output gradient; the per-sample weight gradient is one batched matmul in fp32. We write
-  it by hand because opacus' GradSampleModule fails under bf16 autocast with torch >= 2.11 (DESIGN §4), and
-  it materialises only the per-sample gradients of the hooked layers (LoRA-sized for LoRA).
+  output receives the output gradient; the per-sample weight gradient is one batched matmul in the autocast
+  dtype. We write it by hand because opacus' GradSampleModule fails under bf16 autocast with torch >= 2.11
+  (DESIGN §4), and it materialises only the per-sample gradients of the hooked layers (LoRA-sized for LoRA).
+- `LinearPerSampleProbes` (written here): the same gradients through autograd itself, for torch.compile.
 - opacus' `GradSampleModule` (any layer type, fp32 only): used for `--train_mode full`, where Conv2d and
   GroupNorm weights are trainable too.
 
@@ -24,8 +25,9 @@ import torch.nn as nn
 class LinearPerSampleHooks:
     """Collect per-sample gradients of the weights (and biases) of chosen nn.Linear modules.
 
-    Works under any autocast dtype: the saved input and the incoming output gradient are upcast to fp32
-    before the per-sample product. Use as a context manager around forward+backward of a summed loss.
+    Works under any autocast dtype: the per-sample product runs in the dtype of the saved input and incoming
+    output gradient (fp32 accumulation inside the matmul) and is kept in that dtype. Use as a context manager
+    around forward+backward of a summed loss.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], include_bias: bool = True):
@@ -64,17 +66,21 @@ class LinearPerSampleHooks:
         activation = inputs[0].detach()
 
         def on_output_grad(grad_output: torch.Tensor):
-            x = activation.float().reshape(activation.shape[0], -1, activation.shape[-1])
-            g = grad_output.float().reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+            # Under autocast both factors are bf16/fp16 already: multiply in that dtype (fp32 accumulation inside
+            # the matmul) and keep the product in it: the clip reads it once for the norm (accumulated in fp32)
+            # and once for the sum, so the clip bound holds for exactly the values that are summed.
+            dtype = activation.dtype if activation.dtype == grad_output.dtype else torch.float32
+            x = activation.to(dtype).reshape(activation.shape[0], -1, activation.shape[-1])
+            g = grad_output.to(dtype).reshape(grad_output.shape[0], -1, grad_output.shape[-1])
             self._accumulate(module.weight, torch.bmm(g.transpose(1, 2), x))
             if self.include_bias and module.bias is not None and module.bias.requires_grad:
-                self._accumulate(module.bias, g.sum(1))
+                self._accumulate(module.bias, g.float().sum(1))
 
         output.register_hook(on_output_grad)
 
     def _accumulate(self, param: nn.Parameter, grad_sample: torch.Tensor) -> None:
         if param in self.grad_samples:  # a module called twice in one forward
-            self.grad_samples[param] = self.grad_samples[param] + grad_sample
+            self.grad_samples[param] = self.grad_samples[param].float() + grad_sample.float()
         else:
             self.grad_samples[param] = grad_sample
 
@@ -156,6 +162,29 @@ def seeded_generator(seed: int, *keys, device="cpu") -> torch.Generator:
     return g
 
 
+def clip_and_accumulate(grad_samples: list[torch.Tensor], sums: list[torch.Tensor], max_grad_norm: float,
+                        fused: bool = False):
+    """sums += Σ_b clip_C(g_b), in place; returns the per-sample norms (B,) and the per-tensor Σ_b ‖clipped g_b‖².
+
+    clip_C(g) = g · min(1, C / ‖g‖), ‖g‖ the joint norm over all tensors (accumulated in fp32 whatever the
+    dtype of g); a non-finite sample contributes zero. `fused` writes the weighted sum as a pointwise product
+    and a reduction, which torch.compile turns into one read of each per-sample tensor (eager: use einsum).
+    """
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) ** 2
+                              for g in grad_samples], dim=1)  # (B, tensors), one read of each tensor
+    norms = per_tensor.sum(1).sqrt()
+    finite = torch.isfinite(norms)
+    factors = torch.where(finite, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+    for total, g in zip(sums, grad_samples):
+        clean = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        if fused:
+            total.add_((factors.view(-1, *([1] * (g.dim() - 1))) * clean).sum(0))
+        else:
+            total.add_(torch.einsum("b,b...->...", factors, clean))
+    clean_sq = torch.where(finite[:, None], per_tensor, torch.zeros_like(per_tensor))
+    return norms, (factors[:, None] ** 2 * clean_sq).sum(0)
+
+
 class ClippedGradientSum:
     """Σ_i clip_C(g_i) over the samples of one logical batch, with per-tensor sums of squared clipped norms.
 
@@ -163,12 +192,20 @@ class ClippedGradientSum:
     finite contributes zero (still within the sensitivity C, and decided per sample).
     """
 
-    def __init__(self, params: list[torch.Tensor], max_grad_norm: float, track_squared_norms: bool = False):
+    def __init__(self, params: list[torch.Tensor], max_grad_norm: float, track_squared_norms: bool = False,
+                 compile: bool = False):
         if max_grad_norm <= 0:
             raise ValueError("max_grad_norm must be > 0.")
         self.params = list(params)
         self.max_grad_norm = float(max_grad_norm)
         self.track_squared_norms = track_squared_norms
+        # compiled: a few fused kernels instead of ~6 launches per tensor (the same arithmetic)
+        if compile:
+            import functools
+
+            self._kernel = torch.compile(functools.partial(clip_and_accumulate, fused=True), dynamic=True)
+        else:
+            self._kernel = clip_and_accumulate
         self.reset()
 
     def reset(self) -> None:
@@ -186,17 +223,11 @@ class ClippedGradientSum:
         if missing:
             raise RuntimeError(f"{len(missing)} trainable tensors got no per-sample gradient (are they used in the "
                                "forward pass, with hooks active?).")
-        per_tensor = torch.stack([grad_samples[p].flatten(1).float().pow(2).sum(1) for p in self.params], dim=1)
-        norms = per_tensor.sum(1).sqrt()
-        finite = torch.isfinite(norms)
-        factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
-        for total, p in zip(self.sums, self.params):
-            gs = torch.nan_to_num(grad_samples[p].float(), nan=0.0, posinf=0.0, neginf=0.0)
-            total.add_(torch.einsum("b,b...->...", factors, gs))
+        batch = [grad_samples[p] for p in self.params]
+        norms, squared = self._kernel(batch, self.sums, self.max_grad_norm)
         if self.track_squared_norms:
-            clean = torch.where(finite[:, None], per_tensor, torch.zeros_like(per_tensor))
-            self.squared_norm_sums.add_((factors[:, None] ** 2 * clean).sum(0))
-        self.num_samples += int(norms.shape[0])
+            self.squared_norm_sums.add_(squared)
+        self.num_samples += int(batch[0].shape[0])
         return norms
 
     def all_reduce(self, accelerator=None) -> None:
@@ -230,13 +261,14 @@ class StepGradients:
     """
 
     def __init__(self, model, noise_scheduler, params: list[nn.Parameter], *, private: bool, max_grad_norm: float,
-                 hooks: LinearPerSampleHooks | LinearPerSampleProbes | None = None, accelerator=None, autocast=None):
+                 hooks: LinearPerSampleHooks | LinearPerSampleProbes | None = None, accelerator=None, autocast=None,
+                 compile: bool = False):
         import contextlib
 
         self.model, self.noise_scheduler, self.params = model, noise_scheduler, params
         self.private, self.hooks, self.accelerator = private, hooks, accelerator
         self.autocast = autocast or contextlib.nullcontext
-        self.clipped = ClippedGradientSum(params, max_grad_norm)
+        self.clipped = ClippedGradientSum(params, max_grad_norm, compile=compile and private)
 
     def __call__(self, batches, *, noise_multiplier: float, noise_generator: torch.Generator | None,
                  expected_batch_size: int, realised_batch_size: int) -> torch.Tensor:

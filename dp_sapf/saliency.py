@@ -102,7 +102,7 @@ class SelectionResult:
 def select_salient(parts, modules: dict[str, nn.Linear], batches, *, dataset_size: int, scorer: str,
                    noise_multiplier: float, max_grad_norm: float, ratio: float, granularity: str,
                    noise_generator: torch.Generator | None, accelerator=None, autocast=None,
-                   progress=None) -> SelectionResult:
+                   progress=None, compile: bool = False) -> SelectionResult:
     """Run the Gaussian saliency query over `batches` (this process's shard) and pick the top matrices.
 
     `batches` yields (latents, encoder_hidden_states, noise, timesteps) for this process's samples. Every
@@ -122,32 +122,26 @@ def select_salient(parts, modules: dict[str, nn.Linear], batches, *, dataset_siz
     from .per_sample import ClippedGradientSum, LinearPerSampleHooks
 
     weights = [m.weight for m in modules.values()]
-    previous = [w.requires_grad for w in weights]
-    for w in weights:
-        w.requires_grad_(True)
     hooks = LinearPerSampleHooks(modules, include_bias=False)
-    clipped = ClippedGradientSum(weights, max_grad_norm, track_squared_norms=(scorer == "fisher"))
+    clipped = ClippedGradientSum(weights, max_grad_norm, track_squared_norms=(scorer == "fisher"), compile=compile)
     autocast = autocast or contextlib.nullcontext
     from .modeling import per_sample_diffusion_loss
 
-    try:
-        with hooks:
-            for latents, hidden, noise, timesteps in batches:
-                if latents.shape[0] == 0:
-                    continue
-                with autocast():
-                    losses = per_sample_diffusion_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise,
-                                                       timesteps)
-                losses.sum().backward()  # sum, so each per-sample gradient is that of its own loss
-                clipped.add(hooks.pop())
-                for w in weights:
-                    w.grad = None
-                if progress is not None:
-                    progress.update(latents.shape[0] * (accelerator.num_processes if accelerator else 1))
-    finally:
-        for w, flag in zip(weights, previous):
-            w.requires_grad_(flag)
-            w.grad = None
+    with hooks:
+        for latents, hidden, noise, timesteps in batches:
+            if latents.shape[0] == 0:
+                continue
+            # The weights stay frozen: gradients flow from inputs that require grad instead, so autograd
+            # computes no batch-summed weight gradient we would throw away (the hooks take the per-sample
+            # ones). The inputs are per sample, so nothing mixes samples.
+            latents, hidden = latents.detach().requires_grad_(True), hidden.detach().requires_grad_(True)
+            with autocast():
+                losses = per_sample_diffusion_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise,
+                                                   timesteps)
+            losses.sum().backward()  # sum, so each per-sample gradient is that of its own loss
+            clipped.add(hooks.pop())
+            if progress is not None:
+                progress.update(latents.shape[0] * (accelerator.num_processes if accelerator else 1))
     clipped.all_reduce(accelerator)
     if scorer == "grad_norm":
         noisy = clipped.noisy_sums(noise_multiplier, noise_generator)

@@ -34,7 +34,7 @@ $PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$RUN/lora" -
   --num_inference_steps 10 --batch_size 50 --output_resolution 28 --output_dir "$RUN/synthetic"
 stage "4. evaluation: FID (real Inception) and downstream accuracy"
 $PY evaluate.py --synthetic_dir "$RUN/synthetic" --train_data_dir "$RUN/data" --epochs 3 --classifier_depth 10 \
-  --classifier_width 1 --output_dir "$RUN/eval"
+  --classifier_width 1 --cache_dir "$RUN/cache" --output_dir "$RUN/eval"
 stage "done"
 $PY - "$RUN" <<'PYEOF'
 import json, sys

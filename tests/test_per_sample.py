@@ -99,6 +99,19 @@ def test_joint_clip_bounds_every_sample():
             assert torch.allclose(moved, norm, rtol=1e-4)
 
 
+def test_compiled_clip_equals_eager():
+    """--compile fuses the clip kernels; the clipped sums and norms must not change."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.zeros(6, 3), torch.zeros(5)]
+    batch = {params[0]: torch.randn(7, 6, 3, generator=g) * 3, params[1]: torch.randn(7, 5, generator=g)}
+    batch[params[1]][2, 0] = float("nan")
+    eager, compiled = (ClippedGradientSum(params, 1.0, track_squared_norms=True, compile=c) for c in (False, True))
+    for clipper in (eager, compiled):
+        clipper.add(batch)
+    for a, b in zip(eager.sums + [eager.squared_norm_sums], compiled.sums + [compiled.squared_norm_sums]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_non_finite_sample_contributes_nothing():
     params = [torch.zeros(4)]
     clipper = ClippedGradientSum(params, max_grad_norm=1.0)
@@ -140,3 +153,38 @@ def test_probes_leave_the_model_unchanged_and_compile(lora_parts):
         sums.append([p.grad.clone() for p in params])
     for eager, compiled in zip(*sums):
         assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_noise_is_added_once_per_logical_step(lora_parts, micro_batches):
+    """With C → 0 the gradient is pure noise / B: its std must be σ·C/B however many micro-batches make the step."""
+    parts, params = lora_parts
+    hooks = LinearPerSampleHooks({n: m for n, m in parts.unet.named_modules()
+                                  if isinstance(m, torch.nn.Linear) and m.weight.requires_grad})
+    c, sigma, expected_batch = 1e-9, 2.0, 8
+    step = StepGradients(parts.unet, parts.noise_scheduler, params, private=True, max_grad_norm=c, hooks=hooks)
+    batches = [_inputs(parts, 2, seed=s) for s in range(micro_batches)]
+    step(batches, noise_multiplier=sigma, noise_generator=seeded_generator(0, "noise"),
+         expected_batch_size=expected_batch, realised_batch_size=2 * micro_batches)
+    grads = torch.cat([p.grad.flatten() for p in params]) * expected_batch / c
+    assert step.clipped.num_samples == 2 * micro_batches
+    assert abs(grads.std().item() - sigma) < 0.05 * sigma, grads.std()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_sample_moves_the_sum_by_more_than_c_on_real_gradients(lora_parts, seed):
+    """The real per-sample gradients of the real loss, at random scales: each sample moves the clipped sum by ≤ C."""
+    parts, params = lora_parts
+    modules = {n: m for n, m in parts.unet.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+    hooks = LinearPerSampleHooks(modules)
+    inputs = list(_inputs(parts, 4, seed=seed))
+    inputs[1] = inputs[1] * float(10 ** (seed - 2))  # conditioning scaled from 1e-2 to 1e2
+    with hooks:
+        modeling.per_sample_diffusion_loss(parts.unet, parts.noise_scheduler, *inputs).sum().backward()
+    grads = hooks.pop()
+    c = 10 ** (seed - 3)
+    for i in range(4):
+        clipper = ClippedGradientSum(params, max_grad_norm=c)
+        clipper.add({p: g[i:i + 1] for p, g in grads.items()})
+        moved = torch.sqrt(sum((s ** 2).sum() for s in clipper.sums))
+        assert moved <= c * (1 + 1e-5)

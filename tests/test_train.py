@@ -123,6 +123,20 @@ def test_two_processes_equal_one_process(tiny_pipeline_dir, fashion_data_dir, ma
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
+def test_probes_engine_equals_hooks(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    """The compile-friendly engine trains the same weights as the hooks (same Poisson batches, same noise)."""
+    outs = {}
+    for engine in ("hooks", "probes"):
+        outs[engine] = str(tmp_path / engine)
+        res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, outs[engine], "--saliency_mask",
+                                                        mask_path, "--noise_multiplier", "1.0", "--max_train_steps", "2",
+                                                        "--per_sample_engine", engine))
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = lora_tensors(outs["hooks"]), lora_tensors(outs["probes"])
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
 @pytest.mark.parametrize("extra", [
     ["--lora_target", "all_attention", "--target_epsilon", "8"],
     ["--train_mode", "direct", "--target_epsilon", "8"],
