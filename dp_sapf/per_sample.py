@@ -36,15 +36,6 @@ class LinearPerSampleHooks:
         self.grad_samples: dict[nn.Parameter, torch.Tensor] = {}
         self._handles = []
 
-    def params(self) -> list[nn.Parameter]:
-        """The tensors whose per-sample gradients are collected, in a fixed order."""
-        out = []
-        for m in self.modules.values():
-            out.append(m.weight)
-            if self.include_bias and m.bias is not None and m.bias.requires_grad:
-                out.append(m.bias)
-        return out
-
     def __enter__(self):
         for module in self.modules.values():
             self._handles.append(module.register_forward_hook(self._forward_hook))
@@ -55,8 +46,8 @@ class LinearPerSampleHooks:
             h.remove()
         self._handles.clear()
 
-    def pop(self) -> dict[nn.Parameter, torch.Tensor]:
-        """Hand over the per-sample gradients of the last backward and forget them."""
+    def pop(self, batch_size: int | None = None) -> dict[nn.Parameter, torch.Tensor]:
+        """Hand over the per-sample gradients of the last backward and forget them (already `batch_size` rows)."""
         out, self.grad_samples = self.grad_samples, {}
         return out
 
@@ -110,9 +101,6 @@ class LinearPerSampleProbes:
 
     def _has_bias(self, module) -> bool:
         return self.include_bias and module.bias is not None and module.bias.requires_grad
-
-    def params(self) -> list[nn.Parameter]:
-        return list(self.probes)
 
     def __enter__(self):
         return self
@@ -287,13 +275,8 @@ class StepGradients:
                 losses.sum().backward()  # a sum: each per-sample gradient is that of its own loss
                 loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
                 if self.private:
-                    if isinstance(self.hooks, LinearPerSampleProbes):
-                        grad_samples = self.hooks.pop(latents.shape[0])
-                    elif self.hooks is not None:
-                        grad_samples = self.hooks.pop()
-                    else:
-                        grad_samples = opacus_grad_samples(self.params)
-                    self.clipped.add(grad_samples)
+                    self.clipped.add(self.hooks.pop(latents.shape[0]) if self.hooks is not None
+                                     else opacus_grad_samples(self.params))
                     for p in self.params:
                         p.grad = None
         if self.private:

@@ -60,7 +60,7 @@ def test_engines_match_batch1_loop(lora_parts, dtype, engine):
     with hooks, ctx:
         loss = modeling.per_sample_diffusion_loss(parts.unet, parts.noise_scheduler, *inputs).sum()
     loss.backward()
-    got = hooks.pop() if engine == "hooks" else hooks.pop(3)
+    got = hooks.pop(3)
     with ctx:
         want = _reference_grads(parts.unet, parts.noise_scheduler, params, inputs)
     tol = 1e-4 if dtype is None else 3e-2
