@@ -89,6 +89,25 @@ def load_synthetic(folder: str, real_class_names: list[str]):
     return images, np.asarray(labels)
 
 
+def class_list(args) -> list[str]:
+    """The class list: from --class_names / --class_prompts, else the synthetic set's metadata.jsonl (sample.py
+    writes the training run's public list there)."""
+    if args.class_prompts or args.class_names:
+        return data.resolve_classes(args.class_prompts, args.class_names, args.prompt_template)[0]
+    index = os.path.join(args.synthetic_dir, "metadata.jsonl")
+    if os.path.isfile(index):
+        by_label = {}
+        with open(index) as f:
+            for line in f:
+                row = json.loads(line)
+                by_label.setdefault(int(row["label"]), row["class_name"])
+        return [by_label[k] for k in sorted(by_label)]
+    if not os.path.isdir(args.synthetic_dir):
+        raise FileNotFoundError(f"--synthetic_dir {args.synthetic_dir!r} is not a folder.")
+    raise ValueError(f"{args.synthetic_dir} has no metadata.jsonl (written by sample.py): give the class list with "
+                     "--class_prompts or --class_names.")
+
+
 def check_sizes(synthetic_size, real: data.LabelledImages, allow_mismatch: bool) -> None:
     """Synthetic and real images must share a size unless the user says otherwise (silent resizes skew FID)."""
     real_size = real.image(0).size
@@ -110,9 +129,10 @@ def split_off(n: int, fraction: float, seed: int):
 
 def main(argv=None):
     args = parse_args(argv)
-    train = data.load_labelled_images(args, args.real_split, max_samples=args.max_train_samples)
-    test = data.load_labelled_images(args, args.test_split, min_classes=1)
-    syn_images, syn_labels = load_synthetic(args.synthetic_dir, train.class_names)
+    names = class_list(args)
+    train = data.load_labelled_images(args, args.real_split, class_names=names, max_samples=args.max_train_samples)
+    test = data.load_labelled_images(args, args.test_split, class_names=names, min_classes=1)
+    syn_images, syn_labels = load_synthetic(args.synthetic_dir, names)
     check_sizes(syn_images[0].size, train, args.allow_size_mismatch)
     os.makedirs(args.output_dir, exist_ok=True)
     source = args.train_data_dir and os.path.abspath(args.train_data_dir) or args.dataset_name
@@ -123,7 +143,7 @@ def main(argv=None):
         model = metrics.load_inception()
         syn_feats = metrics.inception_features(syn_images, model, args.fid_batch_size, desc="Inception (synthetic)")
         for split_name, split in [(args.real_split, train)] + ([(args.fid_test_split, data.load_labelled_images(
-                args, args.fid_test_split, min_classes=1))] if args.fid_test_split else []):
+                args, args.fid_test_split, class_names=names, min_classes=1))] if args.fid_test_split else []):
             key = {"source": source, "config": args.dataset_config_name, "split": split_name, "n": len(split)}
             feats = metrics.cached_features(key, lambda s=split: metrics.inception_features(
                 (s.image(i) for i in range(len(s))), model, args.fid_batch_size, desc=f"Inception (real {split_name})",

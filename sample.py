@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, modeling
+from dp_sapf import data, distributed, modeling, run_folder
 from dp_sapf.cli import run_cli
 
 
@@ -56,41 +56,14 @@ def parse_args(argv=None):
     return args
 
 
-def training_report(args) -> dict | None:
-    """The privacy report of the run being sampled (LoRA folder or full-pipeline folder), if local."""
-    for folder in (args.lora_path, args.pretrained_model_name_or_path):
-        if folder and os.path.isdir(folder):
-            status = os.path.join(folder, "run_status.json")
-            if os.path.isfile(status) and json.load(open(status)).get("status") != "complete":
-                raise ValueError(f"{folder} is not a finished training run (run_status.json says "
-                                 f"{json.load(open(status)).get('status')!r}).")
-            path = os.path.join(folder, "privacy_report.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    return json.load(f)
-    return None
-
-
 def classes_and_prompts(args, report) -> tuple[list[str], list[str]]:
-    """Class names (folder names) and prompts, in label order."""
+    """Class names (folder names) and prompts, in label order: the training run's public list by default."""
+    names = report.get("class_names") if report else None
     if args.class_prompts is None:
         if not report or "class_prompts" not in report:
             raise ValueError("No class prompts: give --class_prompts, or --lora_path to a training output folder.")
-        return list(report["class_names"]), list(report["class_prompts"])
-    if args.class_prompts in data.BUILTIN_CLASS_PROMPTS:
-        mapping = data.BUILTIN_CLASS_PROMPTS[args.class_prompts]
-    elif os.path.isfile(args.class_prompts):
-        mapping = json.load(open(args.class_prompts))
-    else:
-        mapping = json.loads(args.class_prompts)
-    if not isinstance(mapping, dict) or not mapping:
-        raise ValueError("--class_prompts must map class names to prompts here (folder names come from its keys).")
-    names = list(mapping)
-    if report and "class_names" in report:  # keep the training run's label order and names
-        by_name = {data.normalise_name(k): v for k, v in mapping.items()}
-        names = [n for n in report["class_names"] if data.normalise_name(n) in by_name]
-        return names, [by_name[data.normalise_name(n)] for n in names]
-    return names, [mapping[n] for n in names]
+        return list(names), list(report["class_prompts"])
+    return data.resolve_classes(args.class_prompts, names)
 
 
 def image_counts(args, num_classes) -> list[int]:
@@ -107,7 +80,7 @@ def image_path(output_dir, class_name, k) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    report = training_report(args)
+    report = run_folder.read_training_report(args.lora_path, args.pretrained_model_name_or_path)
     names, prompts = classes_and_prompts(args, report)
     resolution = args.resolution or (report or {}).get("resolution") or 512
     counts = image_counts(args, len(names))
@@ -157,12 +130,9 @@ def write_index(args, names, prompts, counts):
                 f.write(json.dumps({"file_name": f"{name}/{k:05d}.png", "label": c, "class_name": name,
                                     "prompt": prompt}) + "\n")
     columns = min(8, max(counts))
-    first = Image.open(image_path(args.output_dir, names[0], 0))
-    w, h = first.size
-    grid = Image.new("RGB", (columns * w, len(names) * h))
-    for c, name in enumerate(names):
-        for k in range(min(columns, counts[c])):
-            grid.paste(Image.open(image_path(args.output_dir, name, k)).convert("RGB"), (k * w, c * h))
+    cells = [Image.open(image_path(args.output_dir, name, k)) if k < counts[c] else None
+             for c, name in enumerate(names) for k in range(columns)]
+    grid = data.image_grid(cells, columns)
     grid.save(os.path.join(args.output_dir, "preview.png"))
     print(f"Wrote {sum(counts)} images to {args.output_dir} (preview.png, metadata.jsonl)")
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dp_sapf import data, distributed, modeling, saliency
 from dp_sapf.cli import add_runtime_args, run_cli
-from dp_sapf.per_sample import seeded_generator
+from dp_sapf.seeding import seeded_generator
 
 
 def parse_args(argv=None):
@@ -38,7 +38,7 @@ def parse_args(argv=None):
                         "to_out.0; all_linear: every nn.Linear of the UNet.")
     g.add_argument("--scorer", choices=saliency.SCORERS, default="grad_norm",
                    help="grad_norm: ‖noisy mean clipped gradient‖ (the paper); fisher: Σ_i ‖clipped g_i,m‖² plus noise "
-                        "(the official code); random: random scores, reads no data and costs no privacy.")
+                        "(the official code); random: random scores from --seed, reads no data and costs no privacy.")
     g.add_argument("--selection_batch_size", type=int, default=16,
                    help="Samples per pass over all processes (each takes its share). The result does not depend "
                         "on the number of processes (up to float rounding).")
@@ -59,16 +59,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    class_names, prompts = data.resolve_classes(args.class_prompts, args.class_names, args.prompt_template)
     accelerator = distributed.make_accelerator(args)
     device, weight_dtype = accelerator.device, modeling.weight_dtype_for(accelerator.mixed_precision)
-    images = data.load_labelled_images(args, "train", max_samples=args.max_train_samples)
-    prompts = data.resolve_class_prompts(images.class_names, args.class_prompts, args.prompt_template)
+    images = data.load_labelled_images(args, "train", class_names=class_names, max_samples=args.max_train_samples)
     parts = modeling.load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
     modeling.place(parts, device, weight_dtype)
     modules = saliency.candidate_modules(parts.unet, args.candidate_pool)
     n = len(images)
     dp_seed = distributed.shared_secret_seed(accelerator, args.dp_seed)
-    noise_generator = seeded_generator(dp_seed, "selection-noise", device=device)
     accelerator.print(f"Selecting {saliency.num_selected(args.select_ratio, len(modules))} of {len(modules)} "
                       f"{args.candidate_pool} matrices from N = {n} images (scorer {args.scorer}).")
 
@@ -77,25 +76,21 @@ def main(argv=None):
         cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
                                     device=device, dtype=weight_dtype, show_progress=accelerator.is_main_process)
         prompt_embeds = modeling.encode_prompts(parts, prompts, device)
-        page = args.selection_batch_size  # global: the same pages (and diffusion draws) for any process count
-        num_timesteps = parts.noise_scheduler.config.num_train_timesteps
-
-        def pages():
-            for p in range(math.ceil(n / page)):
-                indices = torch.arange(p * page, min(n, (p + 1) * page))
-                yield from data.micro_batches(
-                    cache, prompt_embeds, indices, rank=accelerator.process_index,
-                    world_size=accelerator.num_processes, micro_batch_size=math.ceil(page / accelerator.num_processes),
-                    num_train_timesteps=num_timesteps, generator=seeded_generator(args.seed, "selection", p, device=device),
-                    device=device)
-
-        batches = pages()
+        # each image's diffusion draws come from the secret seed, keyed by the image itself (docs/design.md §1)
+        batches = data.micro_batches(
+            cache, prompt_embeds, torch.arange(n), rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            micro_batch_size=math.ceil(args.selection_batch_size / accelerator.num_processes),
+            num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
+            stream=("selection",), device=device)
         progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
+    loss_fn = modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler, accelerator.autocast)
     result = saliency.select_salient(
-        parts, modules, batches, dataset_size=n, scorer=args.scorer, noise_multiplier=args.selection_noise_multiplier,
+        loss_fn, modules, batches, dataset_size=n, scorer=args.scorer, noise_multiplier=args.selection_noise_multiplier,
         max_grad_norm=args.selection_max_grad_norm, ratio=args.select_ratio, granularity=args.granularity,
-        noise_generator=noise_generator, accelerator=accelerator, autocast=accelerator.autocast, progress=progress,
-        compile=args.compile)
+        noise_generator=(seeded_generator(args.seed, "random-mask") if args.scorer == "random"
+                         else seeded_generator(dp_seed, "selection-noise", device=device)), accelerator=accelerator,
+        progress=progress, compile=args.compile)
     if progress is not None:
         progress.close()
     if args.scorer != "random" and result.num_samples != n:
@@ -104,7 +99,7 @@ def main(argv=None):
         base_model=args.pretrained_model_name_or_path, modules=modules, pool=args.candidate_pool,
         granularity=args.granularity, ratio=args.select_ratio, scorer=args.scorer, result=result, seed=args.seed,
         noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
-        dataset_size=n, class_names=images.class_names, class_prompts=prompts)
+        dataset_size=n, class_names=class_names, class_prompts=prompts)
     if accelerator.is_main_process:
         saliency.write_mask(mask, args.output)
         accelerator.print(f"Kept {len(result.target_modules)} matrices; mask written to {args.output}")

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dp_sapf import distributed, modeling, saliency  # noqa: E402
-from dp_sapf.per_sample import LinearPerSampleHooks, LinearPerSampleProbes, StepGradients, seeded_generator  # noqa: E402
+from dp_sapf import distributed, modeling, per_sample, saliency  # noqa: E402
+from dp_sapf.seeding import seeded_generator  # noqa: E402
 
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                 block_out_channels=(128, 256, 512, 512),
@@ -118,16 +118,16 @@ def lora_rows(args, unet_factory, scheduler, device, autocast, label, targets_fn
                 if "lora_B" in name:
                     p.normal_(0, 1e-3)
         unet.to(device)
-        linears = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
-        hooks = None
-        if private:
-            hooks = (LinearPerSampleProbes(linears, args.batch_size) if engine == "probes"
-                     else LinearPerSampleHooks(linears))
+        engine_obj, model = None, unet
+        if private:  # the script's own engine choice and checks
+            engine_obj, model = per_sample.make_engine(engine, unet, params, compile=compiled,
+                                                       mixed_precision=args.mixed_precision,
+                                                       max_batch_size=args.batch_size)
         if compiled:
             torch._dynamo.reset()  # dynamo does not guard on module hooks: never reuse another variant's graph
-        model = torch.compile(unet) if compiled else unet
-        step = StepGradients(model, scheduler, params, private=private, max_grad_norm=1.0, hooks=hooks,
-                             autocast=autocast, compile=compiled)
+            model = torch.compile(model)
+        step = per_sample.StepGradients(modeling.diffusion_loss_fn(model, scheduler, autocast), params,
+                                        private=private, max_grad_norm=1.0, engine=engine_obj, compile=compiled)
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         batches = synthetic_batch(unet, args.batch_size, args.latent_size, device, 0)
         generator = seeded_generator(0, "bench", device=device)
@@ -141,7 +141,7 @@ def lora_rows(args, unet_factory, scheduler, device, autocast, label, targets_fn
         name = f"{label} {'DP (' + engine + ')' if private else 'non-private'}{', compiled' if compiled else ''}"
         rows[name] = {**timed(run, args, device), "trainable_matrices": len(targets)}
         print(name, rows[name], flush=True)
-        del unet, model, optimizer, step, hooks
+        del unet, model, optimizer, step, engine_obj
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -191,11 +191,11 @@ def main():
 
     def selection(compile_clip):
         def run():
-            saliency.select_salient(type("P", (), {"unet": unet, "noise_scheduler": scheduler}), modules, batches,
-                                    dataset_size=args.batch_size, scorer="grad_norm", noise_multiplier=5.0,
+            loss_fn = modeling.diffusion_loss_fn(unet, scheduler, accelerator.autocast)
+            saliency.select_salient(loss_fn, modules, batches, dataset_size=args.batch_size, scorer="grad_norm", noise_multiplier=5.0,
                                     max_grad_norm=1.0, ratio=0.3, granularity="matrix",
                                     noise_generator=seeded_generator(0, "bench", device=device),
-                                    autocast=accelerator.autocast, compile=compile_clip)
+                                    compile=compile_clip)
         return run
 
     rows["plain fwd+bwd into all q/k/v"] = timed(plain, args, device)

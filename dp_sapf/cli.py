@@ -11,12 +11,14 @@ def add_runtime_args(parser) -> None:
                         help="Autocast dtype for the frozen model (default: accelerate's config). Per-sample "
                              "gradients are exact under all three.")
     parser.add_argument("--seed", type=int, default=0,
-                        help="Seed of the non-private randomness (timesteps, diffusion noise, LoRA init): "
-                             "reproducible runs.")
+                        help="Seed of the public, data-independent randomness only (LoRA initialisation, validation "
+                             "images, a --scorer random mask). It never touches the private data: the per-sample "
+                             "diffusion draws (timestep, noise, posterior draw, flip), the Poisson sample and the "
+                             "Gaussian noise all come from the secret --dp_seed.")
     parser.add_argument("--dp_seed", type=int, default=None,
-                        help="Seed of the privacy randomness (Gaussian noise, Poisson sampling). Default: fresh from "
-                             "the OS on every run, as the guarantee assumes. Fixing it makes the noise known to whoever "
-                             "knows the seed: use it for tests and audits only.")
+                        help="Seed of the secret mechanism randomness (per-sample diffusion draws, Poisson sampling, "
+                             "Gaussian noise). Default: fresh from the OS on every run, as the guarantee assumes. "
+                             "Whoever knows it can recompute the noise: fix it for tests and audits only.")
 
 
 def run_cli(main, argv=None) -> None:

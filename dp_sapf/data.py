@@ -7,6 +7,7 @@ load, label or preprocess them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-# Paper Table 14 (DESIGN §1) plus the offline sets. Keys are normalised class names (see `normalise_name`).
+from .seeding import seeded_generator
+
+# Paper Table 14 (docs/design.md §1) plus the offline sets. Keys are normalised class names (see `normalise_name`).
 BUILTIN_CLASS_PROMPTS: dict[str, dict[str, str]] = {
     "cifar10": {
         name: f"An image of {'an' if name[0] in 'aeiou' else 'a'} {name}"
@@ -63,11 +66,16 @@ def add_data_args(parser: argparse.ArgumentParser, *, with_augmentation: bool = 
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Keep only the first K training samples (debugging, quick runs). N is then K.")
     g.add_argument("--class_prompts", type=str, default=None,
-                   help="Class -> prompt mapping: a built-in set (" + ", ".join(BUILTIN_CLASS_PROMPTS) + "), a JSON "
-                        "file, or inline JSON ({\"class\": \"prompt\"} or a list in label order). "
-                        "Default: --prompt_template.")
+                   help="The public classes and their prompts: a built-in set (" + ", ".join(BUILTIN_CLASS_PROMPTS) +
+                        "), a JSON file, or inline JSON ({\"class\": \"prompt\"}, or a list of prompts in the "
+                        "order of --class_names). Class names are never read from the private data.")
+    g.add_argument("--class_names", type=str, default=None,
+                   help="The public class list in label order, comma-separated or a JSON list (e.g. "
+                        "'cat,dog'); prompts then come from --prompt_template unless --class_prompts is given. "
+                        "Every image's label must be one of these (an imagefolder's folder names, a ClassLabel's "
+                        "names, or integers 0..K-1 in this order).")
     g.add_argument("--prompt_template", type=str, default=DEFAULT_PROMPT_TEMPLATE,
-                   help="Prompt for each class when --class_prompts is not given; '{}' is the class name.")
+                   help="Prompt for each class of --class_names when --class_prompts is not given; '{}' is the name.")
     g.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` caches downloads.")
     g.add_argument("--resolution", type=int, default=512,
                    help="Images are resized (shorter side) and cropped to this many pixels before VAE encoding.")
@@ -81,27 +89,115 @@ def add_data_args(parser: argparse.ArgumentParser, *, with_augmentation: bool = 
 
 @dataclass
 class LabelledImages:
-    """A split of a labelled image dataset with its class names in label order."""
+    """A split of a labelled image dataset, its labels as indices into the public class list."""
 
     dataset: "datasets.Dataset"  # noqa: F821
     image_column: str
-    label_column: str
-    class_names: list[str]
+    labels: np.ndarray  # (N,) int64 indices into class_names
+    class_names: list[str]  # public: from the user's flags, never from the data
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @property
-    def labels(self) -> np.ndarray:
-        return np.asarray(self.dataset[self.label_column], dtype=np.int64)
-
     def image(self, i: int) -> Image.Image:
-        return self.dataset[int(i)][self.image_column]
+        """Image i, decoded; an unreadable file is a clear ValueError naming it."""
+        try:
+            image = self.dataset[int(i)][self.image_column]
+            image.load()
+            return image
+        except Exception as err:  # PIL and datasets raise many kinds (UnidentifiedImageError, OSError, ...)
+            raise ValueError(f"Cannot read image {self._describe(i)}: {type(err).__name__}: {err}") from None
+
+    def _describe(self, i: int) -> str:
+        import datasets
+
+        try:
+            raw = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))[int(i)][self.image_column]
+            return repr(raw.get("path") or f"#{i}")
+        except Exception:
+            return f"#{i}"
 
 
-def load_labelled_images(args: argparse.Namespace, split: str = "train", *, max_samples: int | None = None,
-                         min_classes: int = 2) -> LabelledImages:
-    """Load one split with integer labels, checking the columns and the classes; clear errors otherwise."""
+def _parse_list(text: str) -> list[str]:
+    text = text.strip()
+    if text.startswith("["):
+        return [str(v) for v in json.loads(text)]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def resolve_classes(class_prompts: str | None = None, class_names: str | list[str] | None = None,
+                    prompt_template: str = DEFAULT_PROMPT_TEMPLATE) -> tuple[list[str], list[str]]:
+    """The public class list and one prompt per class, in label order, from the user's flags only.
+
+    Class names that reached a released artefact from the private data (a label only one image has, say)
+    would leak it, so the list must be given: --class_prompts (built-in set or JSON) and/or --class_names.
+    """
+    names = (_parse_list(class_names) if isinstance(class_names, str) else list(class_names)) if class_names else None
+    if names is not None and len({normalise_name(n) for n in names}) != len(names):
+        raise ValueError(f"--class_names has duplicate names: {names}.")
+    if class_prompts is None:
+        if names is None:
+            raise ValueError("Give the public class list: --class_prompts (a built-in set such as "
+                             f"{', '.join(BUILTIN_CLASS_PROMPTS)}, or JSON) or --class_names. Class names are never "
+                             "taken from the private data.")
+        return names, [prompt_template.format(name.replace("_", " ")) for name in names]
+    if class_prompts in BUILTIN_CLASS_PROMPTS:
+        mapping: dict | list = BUILTIN_CLASS_PROMPTS[class_prompts]
+    elif os.path.isfile(class_prompts):
+        try:
+            with open(class_prompts) as f:
+                mapping = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--class_prompts file {class_prompts!r} is not JSON: {err}") from None
+    else:
+        try:
+            mapping = json.loads(class_prompts)
+        except json.JSONDecodeError:
+            raise ValueError(f"--class_prompts {class_prompts!r} is neither a built-in set "
+                             f"({', '.join(BUILTIN_CLASS_PROMPTS)}), a JSON file, nor inline JSON.") from None
+    if isinstance(mapping, list):
+        if names is None:
+            raise ValueError("--class_prompts as a list needs --class_names (the classes in the same order).")
+        if len(mapping) != len(names):
+            raise ValueError(f"--class_prompts lists {len(mapping)} prompts for {len(names)} --class_names.")
+        return names, [str(p) for p in mapping]
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError("--class_prompts must map class names to prompts (or list prompts in label order).")
+    if names is None:
+        names = [str(k) for k in mapping]
+    by_name = {normalise_name(k): str(v) for k, v in mapping.items()}
+    missing = [name for name in names if normalise_name(name) not in by_name]
+    if missing:
+        raise ValueError(f"--class_prompts has no prompt for the classes {missing}; it covers {sorted(mapping)}.")
+    return names, [by_name[normalise_name(name)] for name in names]
+
+
+def _label_indices(values, feature, class_names: list[str]) -> np.ndarray:
+    """Map the data's labels onto the public class list: by name (ClassLabel names, strings) or by index."""
+    import datasets
+
+    public = {normalise_name(n): i for i, n in enumerate(class_names)}
+    if isinstance(feature, datasets.ClassLabel):
+        table = np.array([public.get(normalise_name(n), -1) for n in feature.names], dtype=np.int64)
+        raw = np.asarray(values, dtype=np.int64)
+        out = table[raw]
+        unknown = sorted({feature.names[v] for v in raw[out < 0]})
+    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        out = np.asarray(values, dtype=np.int64)
+        out = np.where((out >= 0) & (out < len(class_names)), out, -1)
+        unknown = sorted({int(v) for v, o in zip(values, out) if o < 0})
+    else:
+        out = np.array([public.get(normalise_name(str(v)), -1) for v in values], dtype=np.int64)
+        unknown = sorted({str(v) for v, o in zip(values, out) if o < 0})
+    if unknown:
+        raise ValueError(f"{int((out < 0).sum())} images have labels outside the public class list {class_names}: "
+                         f"{unknown[:5]}. Add them to --class_names / --class_prompts, or leave those images out.")
+    return out
+
+
+def load_labelled_images(args: argparse.Namespace, split: str = "train", *, class_names: list[str],
+                         max_samples: int | None = None, min_classes: int = 2) -> LabelledImages:
+    """Load one split with labels mapped onto the public `class_names`; clear errors otherwise."""
     import datasets
 
     if bool(args.dataset_name) == bool(args.train_data_dir):
@@ -122,53 +218,18 @@ def load_labelled_images(args: argparse.Namespace, split: str = "train", *, max_
         ds = ds.select(range(min(max_samples, len(ds))))
     if len(ds) == 0:
         raise ValueError(f"The {split!r} split is empty.")
-
-    feature = ds.features[args.label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        class_names = list(feature.names)
-    else:  # free-form labels (e.g. metadata.jsonl): map sorted distinct values to 0..K-1
-        values = sorted({str(v) for v in ds[args.label_column]})
-        index = {v: i for i, v in enumerate(values)}
-        ds = ds.map(lambda row: {args.label_column: index[str(row[args.label_column])]})
-        class_names = values
-    present = set(np.unique(np.asarray(ds[args.label_column])).tolist())
-    if len(present) < min_classes:
-        raise ValueError(f"The {split!r} split has {len(present)} class(es); class-conditional DP-SAPF needs at "
+    labels = _label_indices(ds[args.label_column], ds.features[args.label_column], class_names)
+    present = len(np.unique(labels))
+    if present < min_classes:
+        raise ValueError(f"The {split!r} split has {present} class(es); class-conditional DP-SAPF needs at "
                          f"least {min_classes}. Check --label_column.")
-    return LabelledImages(ds, args.image_column, args.label_column, class_names)
-
-
-def resolve_class_prompts(class_names: list[str], class_prompts: str | None = None,
-                          prompt_template: str = DEFAULT_PROMPT_TEMPLATE) -> list[str]:
-    """One prompt per class, in label order, from a built-in set, JSON (file or inline) or the template."""
-    if class_prompts is None:
-        return [prompt_template.format(name.replace("_", " ")) for name in class_names]
-    if class_prompts in BUILTIN_CLASS_PROMPTS:
-        mapping: dict | list = BUILTIN_CLASS_PROMPTS[class_prompts]
-    elif os.path.isfile(class_prompts):
-        with open(class_prompts) as f:
-            mapping = json.load(f)
-    else:
-        try:
-            mapping = json.loads(class_prompts)
-        except json.JSONDecodeError:
-            raise ValueError(f"--class_prompts {class_prompts!r} is neither a built-in set "
-                             f"({', '.join(BUILTIN_CLASS_PROMPTS)}), a JSON file, nor inline JSON.") from None
-    if isinstance(mapping, list):
-        if len(mapping) != len(class_names):
-            raise ValueError(f"--class_prompts lists {len(mapping)} prompts for {len(class_names)} classes.")
-        return [str(p) for p in mapping]
-    by_name = {normalise_name(k): v for k, v in mapping.items()}
-    missing = [name for name in class_names if normalise_name(name) not in by_name]
-    if missing:
-        raise ValueError(f"--class_prompts has no prompt for the classes {missing}; it covers {sorted(mapping)}.")
-    return [by_name[normalise_name(name)] for name in class_names]
+    return LabelledImages(ds, args.image_column, labels, list(class_names))
 
 
 def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     """PIL image -> (3, R, R) tensor in [-1, 1]: resize the shorter side (bicubic), centre crop.
 
-    Written with PIL because torchvision cannot be installed beside torch 2.13 CPU (DESIGN §3).
+    Written with PIL because torchvision cannot be installed beside torch 2.13 CPU (docs/design.md §3).
     """
     image = image.convert("RGB")
     w, h = image.size
@@ -198,9 +259,16 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return indices[rank::world_size]
 
 
+def image_key(pixels: torch.Tensor) -> int:
+    """A 63-bit fingerprint of an image's preprocessed pixels: its per-sample draws are keyed by it, so they
+    do not depend on where the image sits in the dataset or on which other images are present."""
+    digest = hashlib.sha256(pixels.detach().cpu().float().contiguous().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 @dataclass
 class LatentCache:
-    """VAE posterior (mean, std) per image and orientation, and the labels.
+    """VAE posterior (mean, std) per image and orientation, the labels and each image's key.
 
     Encoding is a fixed per-sample transformation of the data, so computing it once and reusing it is
     privacy-neutral; a fresh latent is still drawn from the posterior at every use, as the uncached path does.
@@ -209,6 +277,7 @@ class LatentCache:
     mean: torch.Tensor  # (N, V, C, h, w), V = 2 orientations with --random_flip, else 1
     std: torch.Tensor
     labels: torch.Tensor  # (N,)
+    keys: torch.Tensor  # (N,) int64 `image_key` of each image
     scaling_factor: float
 
     def __len__(self) -> int:
@@ -230,10 +299,11 @@ def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip:
     from tqdm.auto import tqdm
 
     views = 2 if random_flip else 1
-    means, stds = [], []
+    means, stds, keys = [], [], []
     n = len(images)
     for start in tqdm(range(0, n, batch_size), desc="Encoding latents", disable=not show_progress):
         pixels = torch.stack([preprocess(images.image(i), resolution) for i in range(start, min(n, start + batch_size))])
+        keys += [image_key(p) for p in pixels]
         batch = torch.cat([pixels, pixels.flip(-1)]) if random_flip else pixels
         dist = vae.encode(batch.to(device, dtype)).latent_dist
         mean = dist.mean.float().cpu().unflatten(0, (views, -1)).transpose(0, 1)
@@ -241,30 +311,65 @@ def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip:
         means.append(mean)
         stds.append(std)
     return LatentCache(torch.cat(means), torch.cat(stds), torch.as_tensor(images.labels),
-                       float(vae.config.scaling_factor))
+                       torch.tensor(keys, dtype=torch.int64), float(vae.config.scaling_factor))
 
+
+def diffusion_draws(cache: LatentCache, indices: torch.Tensor, *, secret_seed: int, stream: tuple,
+                    num_train_timesteps: int):
+    """Each image's (flip, posterior draw, noise, timestep) for one use, keyed by (secret seed, stream, image key).
+
+    These draws are mechanism randomness (docs/design.md §1): they come from the secret DP seed, so the adversary
+    cannot compute them, and each image's draws depend on that image alone, never on its position or on
+    which other images are present: adding or removing one image changes no other image's gradient, and the
+    clipped sum moves by at most C. A generator per image is the price (about 20 µs each on a CPU core); the
+    draws are made on the CPU so that every device and process count gives the same values.
+    """
+    views = cache.mean.shape[1]
+    keys = cache.keys[indices].tolist()
+    gaussians = torch.empty((len(keys), 2, *cache.mean.shape[2:]))
+    choices = torch.empty(len(keys), dtype=torch.long)
+    for i, key in enumerate(keys):
+        g = seeded_generator(secret_seed, *stream, key)
+        choices[i] = torch.randint(0, views * num_train_timesteps, (), generator=g)
+        gaussians[i].normal_(generator=g)
+    return choices % views, gaussians[:, 0], gaussians[:, 1], choices // views
 
 
 def micro_batches(cache: LatentCache, prompt_embeds: torch.Tensor, indices: torch.Tensor, *, rank: int,
-                  world_size: int, micro_batch_size: int, num_train_timesteps: int, generator: torch.Generator,
-                  device):
+                  world_size: int, micro_batch_size: int, num_train_timesteps: int, secret_seed: int,
+                  stream: tuple, device):
     """Yield (latents, prompt states, noise, timesteps) micro-batches of this rank's share of `indices`.
 
-    The diffusion randomness (orientation, posterior draw, noise, timestep) is drawn for the whole global
-    batch from a generator that is identical on every rank, then sliced: a sample gets the same inputs
-    whether it runs in 1 or several processes, and after a resume.
+    The per-sample randomness comes from `diffusion_draws` (secret, keyed per image), so a sample gets the
+    same inputs whether it runs in 1 or several processes, in any micro-batch, and after a resume. The
+    draws of the next micro-batch are made on a worker thread while the current one is on the device.
     """
-    n = indices.shape[0]
-    views = cache.mean.shape[1]
-    latent_shape = tuple(cache.mean.shape[2:])
-    flips = torch.randint(0, views, (n,), generator=generator, device=generator.device)
-    eps = torch.randn((n, *latent_shape), generator=generator, device=generator.device)
-    noise = torch.randn((n, *latent_shape), generator=generator, device=generator.device)
-    timesteps = torch.randint(0, num_train_timesteps, (n,), generator=generator, device=generator.device)
-    mine = torch.arange(rank, n, world_size)
-    for start in range(0, mine.shape[0], micro_batch_size):
-        pos = mine[start:start + micro_batch_size]
-        idx = indices[pos]
-        latents = cache.draw(idx, flips[pos].cpu(), eps[pos].to(device))
-        hidden = prompt_embeds[cache.labels[idx].to(prompt_embeds.device)]
-        yield latents, hidden, noise[pos].to(device), timesteps[pos].to(device).long()
+    from concurrent.futures import ThreadPoolExecutor
+
+    mine = shard(indices, rank, world_size)
+    chunks = [mine[start:start + micro_batch_size] for start in range(0, mine.shape[0], micro_batch_size)]
+
+    def draws(idx):
+        return diffusion_draws(cache, idx, secret_seed=secret_seed, stream=stream,
+                               num_train_timesteps=num_train_timesteps)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(draws, chunks[0]) if chunks else None
+        for k, idx in enumerate(chunks):
+            flips, eps, noise, timesteps = pending.result()
+            pending = pool.submit(draws, chunks[k + 1]) if k + 1 < len(chunks) else None
+            latents = cache.draw(idx, flips, eps.to(device))
+            hidden = prompt_embeds[cache.labels[idx].to(prompt_embeds.device)]
+            yield latents, hidden, noise.to(device), timesteps.to(device)
+
+
+def image_grid(images: list, columns: int) -> Image.Image:
+    """Paste equally sized PIL images row by row into one grid (None leaves its cell black)."""
+    first = next(im for im in images if im is not None)
+    w, h = first.size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, im in enumerate(images):
+        if im is not None:
+            grid.paste(im.convert("RGB"), ((i % columns) * w, (i // columns) * h))
+    return grid

@@ -8,7 +8,7 @@ import torch
 
 
 def make_accelerator(args, **kwargs):
-    """An Accelerator for 1..n processes; on a machine without CUDA it runs gloo on the CPU (DESIGN §4)."""
+    """An Accelerator for 1..n processes; on a machine without CUDA it runs gloo on the CPU (docs/design.md §4)."""
     from accelerate import Accelerator
 
     return Accelerator(mixed_precision=getattr(args, "mixed_precision", None),
@@ -26,6 +26,6 @@ def shared_secret_seed(accelerator, given: int | None) -> int:
 
 
 def finish(accelerator) -> None:
-    """End cleanly: without this barrier multi-process runs abort now and then (DESIGN §4)."""
+    """End cleanly: without this barrier multi-process runs abort now and then (docs/design.md §4)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -30,48 +30,71 @@ def release_files(output_dir: str) -> list[str]:
     return sorted(out)
 
 
-def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, report: dict,
-                     class_prompts: list[str], has_lora: bool, image_file: str | None = None) -> str:
-    """README.md in diffusers' format (`load_or_create_model_card` + `populate_model_card`) with DP metadata."""
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-
-    eps, delta = report["epsilon"], report["delta"]
+def _privacy_section(report: dict, class_prompts: list[str]) -> str:
+    """The card's statement of the guarantee, or a plain statement that there is none."""
     split = report.get("budget_split", {})
     mask = report.get("mask") or {}
-    load = (f"pipe.load_lora_weights(\"{repo_id or output_dir}\")" if has_lora
-            else "# the folder is a full pipeline: load it with from_pretrained")
-    privacy_text = (
-        f"# DP-SAPF fine-tune of {base_model}\n\n"
-        f"Trained with differential privacy: **(ε = {eps:.4g}, δ = {delta:.3g})** for add/remove of one training "
-        f"image, accountant `{report['accountant']}`, composed over the saliency selection and DP-SGD.\n\n"
+    trained = (f"Trainable matrices: {mask.get('num_selected', 'see privacy_report.json')} "
+               f"({report.get('train_mode')}, {report.get('lora_target')}). Dataset size N = {report['dataset_size']}.")
+    if not report["private"]:
+        return ("**This model is NOT differentially private.** It was trained without clipping or noise "
+                "(`--no_dp` / `--target_epsilon inf`): the weights, and anything generated from them, can reveal "
+                "the training images. It is a non-private reference, not a privacy-preserving release."
+                + (" The saliency mask it used was selected with noise, but that does not protect the weights."
+                   if report.get("selection_noise_multiplier") else "") + f"\n\n{trained}\n")
+    return (
+        f"Trained with differential privacy: **(ε = {report['epsilon']:.4g}, δ = {report['delta']:.3g})** for "
+        f"add/remove of one training image, accountant `{report['accountant']}`, composed over the saliency "
+        "selection and DP-SGD.\n\n"
         f"| stage | figure |\n|---|---|\n"
         f"| saliency selection | σ_s = {report.get('selection_noise_multiplier')}, scorer {mask.get('scorer', 'none')}, "
         f"ε alone = {split.get('epsilon_selection_only', 0):.4g} |\n"
         f"| DP-SGD | σ = {report['noise_multiplier']:.4g}, C = {report['max_grad_norm']}, q = {report['sample_rate']:.4g}, "
         f"T = {report['steps']}, ε alone = {split.get('epsilon_training_only', 0):.4g} |\n"
-        f"| selection share of the budget | {split.get('selection_share', 0):.1%} |\n\n"
-        f"Trainable matrices: {mask.get('num_selected', 'see privacy_report.json')} "
-        f"({report.get('train_mode')}, {report.get('lora_target')}). Dataset size N = {report['dataset_size']}.\n\n"
-        "Class prompts:\n" + "".join(f"- {p}\n" for p in class_prompts) +
-        "\n## How to use\n```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n"
-        f"pipe = StableDiffusionPipeline.from_pretrained(\"{base_model}\")\n{load}\n"
-        f"image = pipe(\"{class_prompts[0]}\").images[0]\n```\n\n"
+        f"| selection share of the budget | {split.get('selection_share', 0):.1%} |\n\n{trained}\n\n"
         "The guarantee covers these weights and anything generated from them. It does not cover training logs "
-        "(the logged loss is not private) or checkpoints, which are never uploaded.\n"
-    )
+        "(the logged loss and batch sizes are not private) or checkpoints, which are never uploaded.\n")
+
+
+def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, report: dict,
+                     class_prompts: list[str], has_lora: bool, image_file: str | None = None) -> str:
+    """README.md in diffusers' format (`load_or_create_model_card` + `populate_model_card`) with DP metadata.
+
+    `report` is the privacy report (`privacy.REPORT_FIELDS`). A non-private run says so in its title, text,
+    tags and metadata, and never carries the differential-privacy tag.
+    """
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    private = bool(report["private"])
+    load = (f"pipe.load_lora_weights(\"{repo_id or output_dir}\")" if has_lora
+            else "# the folder is a full pipeline: load it with from_pretrained")
+    title = (f"# DP-SAPF fine-tune of {base_model}" if private
+             else f"# Non-private fine-tune of {base_model} (no differential privacy)")
+    text = (f"{title}\n\n{_privacy_section(report, class_prompts)}\n"
+            "Class prompts:\n" + "".join(f"- {p}\n" for p in class_prompts) +
+            "\n## How to use\n```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained(\"{base_model}\")\n{load}\n"
+            f"image = pipe(\"{class_prompts[0]}\").images[0]\n```\n")
     widget = [{"text": class_prompts[0], "output": {"url": image_file}}] if image_file else None
     # a repo id, never the folder: offline it falls back to the template (a local path is not a valid repo id)
     repo_name = repo_id or os.path.basename(os.path.abspath(output_dir))
     card = load_or_create_model_card(repo_id_or_path=repo_name, from_training=True,
-                                     base_model=base_model, model_description=privacy_text,
+                                     base_model=base_model, model_description=text,
                                      license="creativeml-openrail-m", widget=widget, inference=True)
-    card = populate_model_card(card, tags=["stable-diffusion", "text-to-image", "diffusers", "diffusers-training",
-                                           "lora" if has_lora else "full-finetune", "dp-sapf", "differential-privacy"])
+    tags = ["stable-diffusion", "text-to-image", "diffusers", "diffusers-training",
+            "lora" if has_lora else "full-finetune"]
+    tags += ["dp-sapf", "differential-privacy"] if private else ["not-differentially-private"]
+    card = populate_model_card(card, tags=tags)
+    split = report.get("budget_split", {})
     card.data.differential_privacy = {
-        "epsilon": eps, "delta": delta, "accountant": report["accountant"], "noise_multiplier": report["noise_multiplier"],
-        "selection_noise_multiplier": report.get("selection_noise_multiplier"), "max_grad_norm": report["max_grad_norm"],
-        "sample_rate": report["sample_rate"], "steps": report["steps"], "dataset_size": report["dataset_size"],
-        "selection_share": split.get("selection_share"), "neighbouring": "add/remove one image",
+        "private": private,
+        "epsilon": report["epsilon"] if private else None, "delta": report["delta"] if private else None,
+        "accountant": report["accountant"] if private else None,
+        "noise_multiplier": report["noise_multiplier"] if private else None,
+        "selection_noise_multiplier": report.get("selection_noise_multiplier"),
+        "max_grad_norm": report["max_grad_norm"], "sample_rate": report["sample_rate"], "steps": report["steps"],
+        "dataset_size": report["dataset_size"], "selection_share": split.get("selection_share"),
+        "neighbouring": "add/remove one image" if private else None,
     }
     path = os.path.join(output_dir, "README.md")
     card.save(path)

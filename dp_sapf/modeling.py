@@ -93,6 +93,19 @@ def per_sample_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, enco
     return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 
+def diffusion_loss_fn(model, noise_scheduler, autocast=None):
+    """`loss(latents, hidden, noise, timesteps) -> (B,)` per-sample losses under `autocast`, for the step loops."""
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext
+
+    def loss(latents, hidden, noise, timesteps):
+        with autocast():
+            return per_sample_diffusion_loss(model, noise_scheduler, latents, hidden, noise, timesteps)
+
+    return loss
+
+
 def add_lora(unet, target_modules: list[str], rank: int, lora_alpha: float | None = None) -> list[torch.nn.Parameter]:
     """LoRA (gaussian init, B = 0) on exactly `target_modules` (full names); returns the trainable fp32 tensors."""
     from peft import LoraConfig
@@ -108,6 +121,31 @@ def add_lora(unet, target_modules: list[str], rank: int, lora_alpha: float | Non
         raise RuntimeError(f"peft wrapped {len(wrapped)} modules, expected exactly {len(target_modules)}: "
                            f"extra {sorted(wrapped - set(target_modules))[:5]}, missing {sorted(set(target_modules) - wrapped)[:5]}")
     return params
+
+
+TRAIN_MODES = ("lora", "direct", "full")
+
+
+def make_trainable(unet, train_mode: str, target_modules: list[str] | None, rank: int = 4,
+                   lora_alpha: float | None = None) -> dict[str, torch.nn.Parameter]:
+    """Make the tensors a run trains require grad (in fp32) and return them by name.
+
+    lora: LoRA factors on exactly `target_modules`; direct: those modules' own weights (the paper's "w/o LoRA");
+    full: every UNet parameter (DP-Finetune).
+    """
+    if train_mode not in TRAIN_MODES:
+        raise ValueError(f"Unknown --train_mode {train_mode!r}; choose from {', '.join(TRAIN_MODES)}.")
+    if train_mode == "full":
+        unet.requires_grad_(True)
+    elif train_mode == "lora":
+        add_lora(unet, target_modules, rank, lora_alpha)
+    else:
+        for name in target_modules:
+            unet.get_submodule(name).requires_grad_(True)
+    named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    for p in named.values():
+        p.data = p.data.float()
+    return named
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:

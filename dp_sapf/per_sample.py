@@ -1,13 +1,16 @@
 """Per-sample gradients, the joint clip, the clipped sum, its reduction across processes and the Gaussian noise.
 
-Three per-sample engines, each tested against a batch-1 loop:
+Three per-sample engines, each tested against a batch-1 loop, behind one small protocol (`PerSampleEngine`:
+a context manager around forward+backward, and `pop(batch_size)` -> {tensor: (B, *shape) gradients}):
 - `LinearPerSampleHooks` (written here): a forward hook keeps each nn.Linear's input and a tensor hook on its
   output receives the output gradient; the per-sample weight gradient is one batched matmul in the autocast
   dtype. We write it by hand because opacus' GradSampleModule fails under bf16 autocast with torch >= 2.11
-  (DESIGN §4), and it materialises only the per-sample gradients of the hooked layers (LoRA-sized for LoRA).
+  (docs/design.md §4), and it materialises only the per-sample gradients of the hooked layers (LoRA-sized for LoRA).
 - `LinearPerSampleProbes` (written here): the same gradients through autograd itself, for torch.compile.
-- opacus' `GradSampleModule` (any layer type, fp32 only): used for `--train_mode full`, where Conv2d and
-  GroupNorm weights are trainable too.
+- `OpacusGradSamples`: opacus' `GradSampleModule` (any layer type, fp32 only), for `--train_mode full`,
+  where Conv2d and GroupNorm weights are trainable too.
+`make_engine` picks and checks one. `accumulate_clipped` is the one loop over micro-batches (loss, backward,
+clipped add) that training, selection and the audit share.
 
 `ClippedGradientSum` is the privacy core shared by the selection and training: clip each sample's gradient
 jointly over all tensors to norm C, sum, all-reduce the sums across processes, then add N(0, σ²C²) exactly
@@ -15,8 +18,6 @@ once, from a generator seeded identically on every rank so that all ranks add th
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import torch
 import torch.nn as nn
@@ -130,24 +131,73 @@ class LinearPerSampleProbes:
         return out
 
 
-def opacus_grad_samples(params: list[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
-    """Take (and clear) the `grad_sample` that opacus' GradSampleModule left on each parameter."""
-    out = {}
-    for p in params:
-        gs = getattr(p, "grad_sample", None)
-        if gs is None:
-            raise RuntimeError("A trainable tensor got no per-sample gradient from opacus.")
-        out[p] = gs.float()
-        p.grad_sample = None
-    return out
+class OpacusGradSamples:
+    """opacus' GradSampleModule as an engine: `model` is the wrapped module to call; fp32 only (docs/design.md §4)."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        from opacus import GradSampleModule
+
+        model.train()  # GradSampleModule needs train mode
+        self.model = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        self.params = params
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def pop(self, batch_size: int) -> dict[nn.Parameter, torch.Tensor]:
+        """Take (and clear) the `grad_sample` opacus left on each trainable tensor."""
+        out = {}
+        for p in self.params:
+            gs = getattr(p, "grad_sample", None)
+            if gs is None:
+                raise RuntimeError("A trainable tensor got no per-sample gradient from opacus.")
+            out[p] = gs.float()
+            p.grad_sample = None
+        return out
 
 
-def seeded_generator(seed: int, *keys, device="cpu") -> torch.Generator:
-    """A generator seeded from (seed, *keys), the same on every process: per-step streams that survive resume."""
-    digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
-    g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
+ENGINES = ("auto", "hooks", "probes", "opacus")
+
+
+def linear_modules_holding(model: nn.Module, params: list[nn.Parameter]) -> dict[str, nn.Linear] | None:
+    """The nn.Linear modules that hold trainable tensors, or None when some trainable tensor is elsewhere."""
+    modules = {n: m for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and any(t.requires_grad for t in m.parameters(recurse=False))}
+    covered = {id(t) for m in modules.values() for t in m.parameters(recurse=False)}
+    return modules if all(id(p) in covered for p in params) else None
+
+
+def make_engine(name: str, model: nn.Module, params: list[nn.Parameter], *, compile: bool,
+                mixed_precision: str | None, max_batch_size: int):
+    """The per-sample engine for `params` and the module to call forward on: (engine, model).
+
+    auto: probes under --compile, else hooks; opacus when a trainable tensor is outside nn.Linear. The
+    combinations that cannot work are refused with the reason.
+    """
+    if name not in ENGINES:
+        raise ValueError(f"Unknown per-sample engine {name!r}; choose from {', '.join(ENGINES)}.")
+    linears = linear_modules_holding(model, params)
+    if name == "auto":
+        name = ("probes" if compile else "hooks") if linears is not None else "opacus"
+    if name in ("hooks", "probes") and linears is None:
+        raise ValueError(f"--per_sample_engine {name} needs every trainable tensor in an nn.Linear; use opacus.")
+    if name == "hooks" and compile:
+        raise ValueError("--per_sample_engine hooks cannot run under --compile (tensor hooks break the compiled "
+                         "graph): use probes.")
+    if name == "opacus" and compile:
+        raise ValueError("opacus' GradSampleModule does not run under --compile; drop --compile.")
+    if name == "opacus" and mixed_precision not in (None, "no"):
+        raise ValueError("opacus per-sample gradients fail under autocast (docs/design.md §4): use --mixed_precision no"
+                         + (" or --per_sample_engine hooks." if linears is not None else "."))
+    if name == "hooks":
+        return LinearPerSampleHooks(linears), model
+    if name == "probes":  # registers its forward hooks now, before compile traces them
+        return LinearPerSampleProbes(linears, max_batch_size), model
+    engine = OpacusGradSamples(model, params)
+    return engine, engine.model
 
 
 def clip_and_accumulate(grad_samples: list[torch.Tensor], sums: list[torch.Tensor], max_grad_norm: float,
@@ -241,54 +291,63 @@ class ClippedGradientSum:
                                        dtype=torch.float32).to(s.device) for s in self.sums]
 
 
-class StepGradients:
-    """One logical batch -> the gradient the optimizer applies (training and benchmarks share this code).
+def accumulate_clipped(loss_fn, batches, engine, clipped: "ClippedGradientSum", params=(), progress=None):
+    """The one loop over micro-batches: per-sample losses, backward of their sum, clipped add of each sample.
 
-    Private: per-sample gradients (hooks or opacus), joint clip, sum over micro-batches and processes, noise
+    `loss_fn(*batch)` returns one loss per sample (shape (B,)), never an average across samples, so each
+    per-sample gradient is that of its own loss. Returns this process's summed loss (no host sync).
+    """
+    loss_sum = None
+    with engine:
+        for batch in batches:
+            size = batch[0].shape[0]
+            if size == 0:
+                continue
+            losses = loss_fn(*batch)
+            losses.sum().backward()
+            clipped.add(engine.pop(size))
+            for p in params:
+                p.grad = None
+            loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
+            if progress is not None:
+                progress(size)
+    return loss_sum
+
+
+class StepGradients:
+    """One logical batch -> the gradient the optimizer applies (training, benchmarks and the audit share this).
+
+    Private: per-sample gradients (an engine), joint clip, sum over micro-batches and processes, noise
     N(0, σ²C²) once, division by the expected batch B. Non-private: the plain mean over the realised batch.
     """
 
-    def __init__(self, model, noise_scheduler, params: list[nn.Parameter], *, private: bool, max_grad_norm: float,
-                 hooks: LinearPerSampleHooks | LinearPerSampleProbes | None = None, accelerator=None, autocast=None,
-                 compile: bool = False):
-        import contextlib
-
-        self.model, self.noise_scheduler, self.params = model, noise_scheduler, params
-        self.private, self.hooks, self.accelerator = private, hooks, accelerator
-        self.autocast = autocast or contextlib.nullcontext
+    def __init__(self, loss_fn, params: list[nn.Parameter], *, private: bool, max_grad_norm: float,
+                 engine=None, accelerator=None, compile: bool = False):
+        if private and engine is None:
+            raise ValueError("A private step needs a per-sample engine.")
+        self.loss_fn, self.params, self.private = loss_fn, params, private
+        self.engine, self.accelerator = engine, accelerator
         self.clipped = ClippedGradientSum(params, max_grad_norm, compile=compile and private)
 
     def __call__(self, batches, *, noise_multiplier: float, noise_generator: torch.Generator | None,
                  expected_batch_size: int, realised_batch_size: int) -> torch.Tensor:
         """Set p.grad for every trainable tensor; return this process's summed loss (no host sync)."""
-        import contextlib
-
-        from .modeling import per_sample_diffusion_loss
-
         self.clipped.reset()
-        loss_sum = None
-        with self.hooks if self.private and self.hooks is not None else contextlib.nullcontext():
-            for latents, hidden, noise, timesteps in batches:
-                with self.autocast():
-                    losses = per_sample_diffusion_loss(self.model, self.noise_scheduler, latents, hidden, noise,
-                                                       timesteps)
-                losses.sum().backward()  # a sum: each per-sample gradient is that of its own loss
-                loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
-                if self.private:
-                    self.clipped.add(self.hooks.pop(latents.shape[0]) if self.hooks is not None
-                                     else opacus_grad_samples(self.params))
-                    for p in self.params:
-                        p.grad = None
         if self.private:
+            loss_sum = accumulate_clipped(self.loss_fn, batches, self.engine, self.clipped, self.params)
             self.clipped.all_reduce(self.accelerator)
             noisy = self.clipped.noisy_sums(noise_multiplier, noise_generator)
             for p, s in zip(self.params, noisy):
                 p.grad = s / expected_batch_size  # the expected batch, not the realised one
         else:
+            loss_sum = None
+            for batch in batches:
+                losses = self.loss_fn(*batch)
+                losses.sum().backward()
+                loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
             for p in self.params:
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 if self.accelerator is not None and self.accelerator.num_processes > 1:
                     grad = self.accelerator.reduce(grad, reduction="sum")
                 p.grad = grad / max(1, realised_batch_size)
-        device = self.params[0].device
-        return loss_sum if loss_sum is not None else torch.zeros((), device=device)
+        return loss_sum if loss_sum is not None else torch.zeros((), device=self.params[0].device)

@@ -35,14 +35,52 @@ class PrivacyBudgetError(ValueError):
 
 @dataclass(frozen=True)
 class SelectionCost:
-    """The saliency selection as the accountant sees it: None = data-independent (free), 0 = no noise (ε = inf)."""
+    """The saliency selection as the accountant sees it: noise_multiplier None = data-independent (free),
+    0 = no noise (ε = inf). The other fields describe the mask's query for reports."""
 
     noise_multiplier: float | None
     mechanism: str = "gaussian"
+    max_grad_norm: float | None = None
+    scorer: str | None = None
+    dataset_size: int | None = None
 
     @property
     def free(self) -> bool:
         return self.noise_multiplier is None
+
+    @classmethod
+    def from_mask(cls, mask: dict | None) -> "SelectionCost | None":
+        """The one place a mask's privacy record is read (None: no selection stage at all)."""
+        if mask is None:
+            return None
+        record = mask["privacy"]
+        return cls(record.get("noise_multiplier"), "gaussian" if record.get("noise_multiplier") is not None else "none",
+                   record.get("max_grad_norm"), mask.get("scorer"), record.get("dataset_size"))
+
+
+def parse_target_epsilon(text: str | float) -> float:
+    """--target_epsilon: a positive number, or inf / infinity / 1e999 for the documented non-private path."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"--target_epsilon must be a number or 'inf', got {text!r}.") from None
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"--target_epsilon must be > 0 (or 'inf' to train without privacy), got {text!r}.")
+    return value
+
+
+def check_noise_multiplier(sigma: float, flag: str = "--noise_multiplier") -> float:
+    """σ must be a finite number > 0 (no noise is --no_dp, said out loud)."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"{flag} must be a finite number > 0, got {sigma}. To train without privacy use --no_dp.")
+    return float(sigma)
+
+
+def check_delta(delta: float) -> float:
+    """δ must lie in (0, 1): δ ≥ 1 promises nothing, and ε(δ) is undefined there."""
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise ValueError(f"--target_delta must be in (0, 1), got {delta}; the default 1/N (or smaller) is advised.")
+    return float(delta)
 
 
 @dataclass
@@ -209,7 +247,10 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
 
 @dataclass
 class PrivacyLedger:
-    """What a training run has spent and will spend; saved in checkpoints, checked on resume."""
+    """What a training run has spent and will spend; saved in checkpoints, checked on resume.
+
+    noise_multiplier 0 means a non-private run (--no_dp): ε = inf, reported as such everywhere.
+    """
 
     noise_multiplier: float
     sample_rate: float
@@ -218,30 +259,80 @@ class PrivacyLedger:
     accountant: str
     steps_done: int
     total_steps: int
-    selection: dict | None = field(default=None)  # noise_multiplier, max_grad_norm, scorer, dataset_size
+    selection: SelectionCost | None = field(default=None)
 
-    def selection_cost(self) -> SelectionCost | None:
-        return None if self.selection is None else SelectionCost(self.selection["noise_multiplier"])
+    @classmethod
+    def plan(cls, *, dataset_size: int, expected_batch_size: int, steps: int, max_grad_norm: float,
+             accountant: str = "rdp", delta: float | None = None, target_epsilon: float | None = None,
+             noise_multiplier: float | None = None, selection: SelectionCost | None = None) -> "PrivacyLedger":
+        """Calibrate σ to the target (or take the given σ; neither: non-private). Refuses unreachable targets."""
+        q = expected_batch_size / dataset_size
+        delta = check_delta(delta if delta is not None else default_delta(dataset_size))
+        warn_if_delta_too_large(delta, dataset_size)
+        if noise_multiplier is not None:
+            sigma = check_noise_multiplier(noise_multiplier)
+        elif target_epsilon is not None and math.isfinite(target_epsilon):
+            sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps,
+                                               selection=selection, accountant=accountant)
+        else:
+            sigma = 0.0
+        return cls(noise_multiplier=sigma, sample_rate=q, max_grad_norm=max_grad_norm, delta=delta,
+                   accountant=accountant, steps_done=0, total_steps=steps, selection=selection)
 
-    def _epsilon(self, steps: int) -> float:
-        if self.noise_multiplier == 0:
-            return float("inf")
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def spent(self, steps: int | None = None) -> PrivacySpent:
+        """ε of the selection and `steps` training steps (default: those done), with the split."""
+        steps = self.steps_done if steps is None else steps
+        if not self.private:
+            return PrivacySpent(float("inf"), self.delta, self.accountant, None, float("nan"), float("inf"), 0.0)
         return compute_epsilon(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=steps,
-                               delta=self.delta, selection=self.selection_cost(), accountant=self.accountant).epsilon
+                               delta=self.delta, selection=self.selection, accountant=self.accountant)
 
     def epsilon_spent(self) -> float:
         """ε of the selection and the steps done so far."""
-        return self._epsilon(self.steps_done)
+        return self.spent().epsilon
 
     def epsilon_final(self) -> float:
         """ε once all planned steps are done."""
-        return self._epsilon(self.total_steps)
+        return self.spent(self.total_steps).epsilon
+
+    def report(self, **context) -> dict:
+        """privacy_report.json: every figure needed to check or recompute the guarantee (schema: REPORT_FIELDS)."""
+        spent = self.spent()
+        selection = self.selection
+        return {
+            "private": self.private,
+            "epsilon": spent.epsilon,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm if self.private else None,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps_done,
+            "selection_noise_multiplier": None if selection is None else selection.noise_multiplier,
+            "selection_max_grad_norm": None if selection is None else selection.max_grad_norm,
+            "budget_split": {} if not self.private else {
+                "epsilon_selection_only": spent.epsilon_selection_only,
+                "epsilon_training_only": spent.epsilon_training_only,
+                "selection_share": spent.selection_share,
+                "best_alpha": spent.best_alpha},
+            "neighbouring": "add/remove one image; N, class names, class prompts and the base model are public",
+            **context,
+        }
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        state = asdict(self)
+        state["selection"] = None if self.selection is None else asdict(self.selection)
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "PrivacyLedger":
+        state = dict(state)
+        if state.get("selection") is not None:
+            state["selection"] = SelectionCost(**state["selection"])
         return cls(**state)
 
     def check_compatible(self, other: "PrivacyLedger") -> None:
@@ -253,6 +344,22 @@ class PrivacyLedger:
             if not same:
                 raise ValueError(f"Cannot resume: the privacy parameter {name!r} changed ({a!r} in the checkpoint, "
                                  f"{b!r} now). Resume with the same privacy flags, or start a new run.")
+
+
+# The keys of privacy_report.json (written by `PrivacyLedger.report`, read by hub.py and sample.py).
+REPORT_FIELDS = {
+    "private": "False for --no_dp / --target_epsilon inf: no guarantee at all",
+    "epsilon": "ε of the whole release (selection + training), inf when not private",
+    "delta": "δ", "accountant": "rdp | prv | pld",
+    "noise_multiplier": "σ of DP-SGD", "max_grad_norm": "C", "sample_rate": "q = B/N", "steps": "T done",
+    "selection_noise_multiplier": "σ_s of the mask (None: no or a data-independent selection)",
+    "selection_max_grad_norm": "C_s", "budget_split": "ε of each stage alone and the selection's share",
+    "neighbouring": "the neighbouring relation",
+    "dataset_size": "N", "expected_batch_size": "B", "target_epsilon": "the requested ε",
+    "train_mode": "lora | direct | full", "lora_target": "mask | all_attention", "rank": "LoRA rank",
+    "mask": "the mask's public fields", "base_model": "the public model", "resolution": "training resolution",
+    "class_names": "the public class list", "class_prompts": "one prompt per class",
+}
 
 
 def main(argv=None):
@@ -272,20 +379,18 @@ def main(argv=None):
         parser.error("Give exactly one of --target_epsilon or --noise_multiplier.")
     if args.dataset_size < 1 or not 1 <= args.train_batch_size <= args.dataset_size:
         parser.error("Need 1 <= --train_batch_size <= --dataset_size.")
-    delta = args.target_delta if args.target_delta is not None else default_delta(args.dataset_size)
-    warn_if_delta_too_large(delta, args.dataset_size)
-    selection = None if args.no_selection or args.selection_noise_multiplier is None else SelectionCost(
-        args.selection_noise_multiplier)
-    q = args.train_batch_size / args.dataset_size
     try:
-        sigma = args.noise_multiplier if args.noise_multiplier is not None else calibrate_noise_multiplier(
-            target_epsilon=args.target_epsilon, delta=delta, sample_rate=q, steps=args.max_train_steps,
-            selection=selection, accountant=args.accountant)
-    except PrivacyBudgetError as err:
+        selection = None if args.no_selection or args.selection_noise_multiplier is None else SelectionCost(
+            check_noise_multiplier(args.selection_noise_multiplier, "--selection_noise_multiplier"))
+        ledger = PrivacyLedger.plan(
+            dataset_size=args.dataset_size, expected_batch_size=args.train_batch_size, steps=args.max_train_steps,
+            max_grad_norm=1.0, accountant=args.accountant, delta=args.target_delta,
+            target_epsilon=None if args.target_epsilon is None else parse_target_epsilon(args.target_epsilon),
+            noise_multiplier=args.noise_multiplier, selection=selection)
+    except ValueError as err:  # PrivacyBudgetError included
         parser.exit(2, f"error: {err}\n")
-    spent = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=args.max_train_steps, delta=delta,
-                            selection=selection, accountant=args.accountant)
-    out = {"noise_multiplier": sigma, "sample_rate": q, "steps": args.max_train_steps,
+    spent = ledger.spent(ledger.total_steps)
+    out = {"noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate, "steps": ledger.total_steps,
            "dataset_size": args.dataset_size, "selection_noise_multiplier": None if selection is None else
            selection.noise_multiplier, **spent.to_dict()}
     json.dump(out, sys.stdout, indent=2)

@@ -1,6 +1,6 @@
 """Candidate pools, the DP saliency query (one Gaussian mechanism), top-k selection and the mask JSON.
 
-DESIGN §1: per-sample gradients of all candidate matrices are clipped jointly to C_s, averaged over the N
+docs/design.md §1: per-sample gradients of all candidate matrices are clipped jointly to C_s, averaged over the N
 samples, perturbed by N(0, (σ_s·C_s/N)² I) and scored by the norm of each noisy mean gradient.
 """
 
@@ -70,7 +70,7 @@ def num_selected(ratio: float, count: int) -> int:
     return max(1, math.ceil(ratio * count - 1e-9))
 
 
-def rank_and_select(scores: dict[str, float], ratio: float, granularity: str) -> list[str]:
+def rank_and_select(scores: dict[str, float], ratio: float, granularity: str, scorer: str = "grad_norm") -> list[str]:
     """Top ⌈ρ·M⌉ matrices by score, or top ⌈ρ·L⌉ attention layers with all their matrices."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"Unknown --granularity {granularity!r}; choose matrix or layer.")
@@ -80,13 +80,20 @@ def rank_and_select(scores: dict[str, float], ratio: float, granularity: str) ->
     layers: dict[str, list[str]] = {}
     for name in scores:
         layers.setdefault(layer_of(name), []).append(name)
-    layer_scores = {layer: layer_score(scores, members) for layer, members in layers.items()}
+    layer_scores = {layer: layer_score(scores, members, scorer) for layer, members in layers.items()}
     ranked = sorted(layer_scores, key=lambda l: (-layer_scores[l], l))[: num_selected(ratio, len(layer_scores))]
     return [name for name in scores if layer_of(name) in set(ranked)]
 
 
-def layer_score(scores: dict[str, float], members: list[str]) -> float:
-    """A layer's score from its matrices' scores: the norm of the concatenated block (grad_norm scores are norms)."""
+def layer_score(scores: dict[str, float], members: list[str], scorer: str = "grad_norm") -> float:
+    """A layer's score from its matrices' scores, as if the layer's concatenated q/k/v block were scored.
+
+    grad_norm scores are norms of the noisy mean gradients: the block's norm is sqrt(Σ s²). fisher scores are
+    noisy sums of squared norms (possibly negative): the block's is Σ s (sqrt(Σ s²) would rank large
+    negative noise high).
+    """
+    if scorer == "fisher":
+        return sum(scores[m] for m in members)
     return math.sqrt(sum(scores[m] ** 2 for m in members))
 
 
@@ -99,59 +106,72 @@ class SelectionResult:
     num_samples: int
 
 
-def select_salient(parts, modules: dict[str, nn.Linear], batches, *, dataset_size: int, scorer: str,
+def clipped_gradient_sums(loss_fn, modules: dict[str, nn.Linear], batches, *, max_grad_norm: float,
+                          track_squared_norms: bool = False, accelerator=None, progress=None,
+                          compile: bool = False):
+    """Σ_i clip_{C_s}(g_i) over this process's samples, each g_i over all candidate weights jointly, summed over
+    processes (the pre-noise query). `batches` yields (latents, hidden, noise, timesteps).
+
+    The candidate weights require grad during the pass (and only then): every candidate then has a gradient
+    path, also those whose input carries none (the time embedding's linears in the all_linear pool).
+    """
+    from .per_sample import ClippedGradientSum, LinearPerSampleHooks, accumulate_clipped
+
+    weights = [m.weight for m in modules.values()]
+    clipped = ClippedGradientSum(weights, max_grad_norm, track_squared_norms=track_squared_norms, compile=compile)
+    scale = accelerator.num_processes if accelerator is not None else 1
+    before = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        accumulate_clipped(loss_fn, batches, LinearPerSampleHooks(modules, include_bias=False), clipped, weights,
+                           progress=None if progress is None else (lambda b: progress.update(b * scale)))
+    finally:
+        for w, flag in zip(weights, before):
+            w.requires_grad_(flag)
+            w.grad = None
+    clipped.all_reduce(accelerator)
+    return clipped
+
+
+def noisy_scores(clipped, names: list[str], *, scorer: str, noise_multiplier: float, dataset_size: int,
+                 noise_generator: torch.Generator) -> dict[str, float]:
+    """Add the Gaussian noise once (identically on every rank) and score each candidate.
+
+    grad_norm: ‖G_m + N(0, (σ_s C_s)² I)‖ / N (the paper); fisher: (Σ_i ‖ĝ_{i,m}‖² + N(0, (σ_s C_s²)²)) / N,
+    a vector over the candidates whose per-sample contribution has L2 norm ≤ C_s² (the official code).
+    """
+    if scorer == "grad_norm":
+        return {n: float(s.norm() / dataset_size)
+                for n, s in zip(names, clipped.noisy_sums(noise_multiplier, noise_generator))}
+    std = noise_multiplier * clipped.max_grad_norm ** 2
+    noise = torch.randn(len(names), generator=noise_generator, device=noise_generator.device)
+    values = ((clipped.squared_norm_sums.cpu() + std * noise.cpu()) / dataset_size).tolist()
+    return dict(zip(names, values))
+
+
+def select_salient(loss_fn, modules: dict[str, nn.Linear], batches, *, dataset_size: int, scorer: str,
                    noise_multiplier: float, max_grad_norm: float, ratio: float, granularity: str,
-                   noise_generator: torch.Generator | None, accelerator=None, autocast=None,
-                   progress=None, compile: bool = False) -> SelectionResult:
+                   noise_generator: torch.Generator, accelerator=None, progress=None,
+                   compile: bool = False) -> SelectionResult:
     """Run the Gaussian saliency query over `batches` (this process's shard) and pick the top matrices.
 
-    `batches` yields (latents, encoder_hidden_states, noise, timesteps) for this process's samples. Every
-    sample's gradient over all candidate weights is clipped jointly before anything is summed; sums are
+    Every sample's gradient over all candidate weights is clipped jointly before anything is summed; sums are
     reduced over processes; the noise is drawn once, identically on every rank, after the reduction.
     """
-    import contextlib
-
     if scorer not in SCORERS:
         raise ValueError(f"Unknown --scorer {scorer!r}; choose from {', '.join(SCORERS)}.")
     names = list(modules)
     if scorer == "random":  # reads no data: zero privacy cost
         scores = torch.rand(len(names), generator=noise_generator, device=noise_generator.device).tolist()
         scores = dict(zip(names, scores))
-        return SelectionResult(scores, rank_and_select(scores, ratio, granularity), 0)
-
-    from .per_sample import ClippedGradientSum, LinearPerSampleHooks
-
-    weights = [m.weight for m in modules.values()]
-    hooks = LinearPerSampleHooks(modules, include_bias=False)
-    clipped = ClippedGradientSum(weights, max_grad_norm, track_squared_norms=(scorer == "fisher"), compile=compile)
-    autocast = autocast or contextlib.nullcontext
-    from .modeling import per_sample_diffusion_loss
-
-    with hooks:
-        for latents, hidden, noise, timesteps in batches:
-            if latents.shape[0] == 0:
-                continue
-            # The weights stay frozen: gradients flow from inputs that require grad instead, so autograd
-            # computes no batch-summed weight gradient we would throw away (the hooks take the per-sample
-            # ones). The inputs are per sample, so nothing mixes samples.
-            latents, hidden = latents.detach().requires_grad_(True), hidden.detach().requires_grad_(True)
-            with autocast():
-                losses = per_sample_diffusion_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise,
-                                                   timesteps)
-            losses.sum().backward()  # sum, so each per-sample gradient is that of its own loss
-            clipped.add(hooks.pop())
-            if progress is not None:
-                progress.update(latents.shape[0] * (accelerator.num_processes if accelerator else 1))
-    clipped.all_reduce(accelerator)
-    if scorer == "grad_norm":
-        noisy = clipped.noisy_sums(noise_multiplier, noise_generator)
-        values = [float(s.norm() / dataset_size) for s in noisy]
-    else:  # fisher: Σ_i ‖ĝ_{i,m}‖², a vector whose per-sample contribution has L2 norm ≤ C_s²
-        std = noise_multiplier * max_grad_norm ** 2
-        noise = torch.randn(len(names), generator=noise_generator, device=noise_generator.device)
-        values = ((clipped.squared_norm_sums.cpu() + std * noise.cpu()) / dataset_size).tolist()
-    scores = dict(zip(names, values))
-    return SelectionResult(scores, rank_and_select(scores, ratio, granularity), clipped.num_samples)
+        return SelectionResult(scores, rank_and_select(scores, ratio, granularity, scorer), 0)
+    clipped = clipped_gradient_sums(loss_fn, modules, batches, max_grad_norm=max_grad_norm,
+                                    track_squared_norms=scorer == "fisher", accelerator=accelerator,
+                                    progress=progress, compile=compile)
+    scores = noisy_scores(clipped, names, scorer=scorer, noise_multiplier=noise_multiplier,
+                          dataset_size=dataset_size, noise_generator=noise_generator)
+    return SelectionResult(scores, rank_and_select(scores, ratio, granularity, scorer), clipped.num_samples)
 
 
 def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, granularity: str, ratio: float,
@@ -202,8 +222,15 @@ def write_mask(mask: dict, path: str) -> None:
 
 def read_mask(path: str) -> dict:
     """Load and sanity-check a mask file."""
-    with open(path) as f:
-        mask = json.load(f)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--saliency_mask {path!r} does not exist (run select_salient.py --output ...).")
+    try:
+        with open(path) as f:
+            mask = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--saliency_mask {path!r} is not a mask JSON written by select_salient.py: {err}") from None
+    if not isinstance(mask, dict):
+        raise ValueError(f"--saliency_mask {path!r} is JSON but not a mask (a {type(mask).__name__}).")
     if mask.get("format_version") != MASK_FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported mask format_version {mask.get('format_version')!r}.")
     for key in ("target_modules", "candidate_fingerprint", "privacy", "candidate_pool"):

@@ -11,8 +11,6 @@ import pytest  # noqa: E402
 
 from dp_sapf import prepare_data, tiny_pipeline  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dp_sapf import metrics
-from test_train import run_script
+from helpers import run_script
 
 
 def reference_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,7 +99,8 @@ def copy_real_as_synthetic(fashion_data_dir, dest):
 
 
 def eval_args(data_dir, synthetic, out, *extra):
-    return ["--synthetic_dir", synthetic, "--train_data_dir", data_dir, "--classifier", "wrn",
+    return ["--synthetic_dir", synthetic, "--train_data_dir", data_dir, "--class_prompts", "fashion_mnist",
+            "--classifier", "wrn",
             "--classifier_depth", "10", "--classifier_width", "1", "--epochs", "1", "--classifier_resolution", "16",
             "--output_dir", out, "--cache_dir", os.path.join(out, "cache"), *extra]
 

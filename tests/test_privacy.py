@@ -55,7 +55,7 @@ def test_calibrated_sigma_meets_target_in_both_accountants(n, target):
         tight = privacy.compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=1000, delta=delta, selection=sel,
                                         accountant=acc)
         assert tight.epsilon <= eps.epsilon * 1.001
-    # the split is reported, and at ε = 1 with σ_s = 5 the selection takes a large share (DESIGN §1)
+    # the split is reported, and at ε = 1 with σ_s = 5 the selection takes a large share (docs/design.md §1)
     assert 0 < eps.selection_share < 1
     if target == 1.0:
         assert eps.selection_share > 0.3
@@ -100,8 +100,8 @@ def test_delta_above_one_over_n_warns():
 
 def test_ledger_round_trip_and_resume_checks():
     ledger = PrivacyLedger(noise_multiplier=1.1, sample_rate=0.1, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
-                           steps_done=3, total_steps=10, selection={"noise_multiplier": 5.0, "max_grad_norm": 1.0,
-                                                                    "scorer": "grad_norm", "dataset_size": 100})
+                           steps_done=3, total_steps=10, selection=SelectionCost(5.0, max_grad_norm=1.0,
+                                                                                 scorer="grad_norm", dataset_size=100))
     again = PrivacyLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
     assert again == ledger and again.epsilon_spent() < again.epsilon_final()
     again.check_compatible(ledger)
@@ -120,3 +120,45 @@ def test_cli_prints_json():
     bad = subprocess.run([sys.executable, "-m", "dp_sapf.privacy", "--dataset_size", "100", "--target_epsilon", "0.1",
                           "--selection_noise_multiplier", "1", "--train_batch_size", "10"], capture_output=True, text=True)
     assert bad.returncode == 2 and "selection alone" in bad.stderr
+
+
+def test_ledger_plan_calibrates_and_reports_the_split():
+    mask = {"scorer": "grad_norm", "privacy": {"noise_multiplier": 5.0, "max_grad_norm": 1.0, "dataset_size": 1000}}
+    ledger = PrivacyLedger.plan(dataset_size=1000, expected_batch_size=100, steps=50, max_grad_norm=1.0,
+                                target_epsilon=4.0, selection=SelectionCost.from_mask(mask))
+    assert ledger.private and ledger.delta == pytest.approx(1e-3) and ledger.epsilon_final() <= 4.0
+    report = ledger.report(dataset_size=1000)
+    assert set(report) <= set(privacy.REPORT_FIELDS)
+    assert report["selection_noise_multiplier"] == 5.0 and report["budget_split"]["epsilon_selection_only"] > 0
+    free = SelectionCost.from_mask({"scorer": "random", "privacy": {"noise_multiplier": None}})
+    assert free.free and SelectionCost.from_mask(None) is None
+    open_ended = PrivacyLedger.plan(dataset_size=1000, expected_batch_size=100, steps=50, max_grad_norm=1.0,
+                                    target_epsilon=math.inf)
+    assert not open_ended.private and open_ended.report()["epsilon"] == math.inf
+
+
+@pytest.mark.parametrize("text", ["nan", "0", "-1", "-inf", "ten"])
+def test_bad_target_epsilon_is_refused(text):
+    with pytest.raises(ValueError, match="--target_epsilon"):
+        privacy.parse_target_epsilon(text)
+    assert privacy.parse_target_epsilon("inf") == math.inf and privacy.parse_target_epsilon("1e999") == math.inf
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, 1.5, -0.1, math.nan])
+def test_delta_outside_zero_one_is_refused(delta):
+    with pytest.raises(ValueError, match=r"--target_delta must be in \(0, 1\)"):
+        PrivacyLedger.plan(dataset_size=100, expected_batch_size=10, steps=5, max_grad_norm=1.0, target_epsilon=3,
+                           delta=delta)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target_delta", "1"], "--target_delta must be in (0, 1)"),
+    (["--noise_multiplier", "0"], "--noise_multiplier must be a finite number > 0"),
+    (["--target_epsilon", "nan"], "--target_epsilon must be > 0"),
+])
+def test_cli_refuses_bad_privacy_flags(args, message):
+    base = ["--dataset_size", "1000", "--train_batch_size", "100", "--max_train_steps", "10"]
+    if "--noise_multiplier" not in args and "--target_epsilon" not in args:
+        base += ["--target_epsilon", "3"]
+    res = subprocess.run([sys.executable, "-m", "dp_sapf.privacy", *base, *args], capture_output=True, text=True)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr

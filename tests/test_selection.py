@@ -3,16 +3,14 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dp_sapf import modeling, saliency
-from dp_sapf.per_sample import seeded_generator
+from dp_sapf.seeding import seeded_generator
 
-from conftest import REPO
+from helpers import accelerate_two_processes, run_script, select_args
 
 
 def _batches(parts, sizes, seed=0):
@@ -52,11 +50,16 @@ def parts(tiny_pipeline_dir):
     return modeling.load_pipeline_parts(tiny_pipeline_dir)
 
 
+def selection_loss(parts):
+    return modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler)
+
+
 def test_zero_noise_ranking_equals_non_private_ranking(parts):
     modules = saliency.candidate_modules(parts.unet, "attention_qkv")
     batches = _batches(parts, [3, 2])
     clip = 0.05  # small enough that every sample is clipped
-    result = saliency.select_salient(parts, modules, batches, dataset_size=5, scorer="grad_norm", noise_multiplier=0.0,
+    result = saliency.select_salient(selection_loss(parts), modules, batches, dataset_size=5, scorer="grad_norm",
+                                     noise_multiplier=0.0,
                                      max_grad_norm=clip, ratio=0.3, granularity="matrix",
                                      noise_generator=seeded_generator(0, "t"))
     want = _reference_scores(parts, modules, batches, clip)
@@ -70,7 +73,8 @@ def test_zero_noise_ranking_equals_non_private_ranking(parts):
 def test_noise_std_is_sigma_s_c_s_over_n(parts):
     modules = saliency.candidate_modules(parts.unet, "attention_qkv")
     n, sigma, clip = 1000, 5.0, 2.0
-    result = saliency.select_salient(parts, modules, [], dataset_size=n, scorer="grad_norm", noise_multiplier=sigma,
+    result = saliency.select_salient(selection_loss(parts), modules, [], dataset_size=n, scorer="grad_norm",
+                                     noise_multiplier=sigma,
                                      max_grad_norm=clip, ratio=0.3, granularity="matrix",
                                      noise_generator=seeded_generator(1, "t"))
     coords = sum(m.weight.numel() for m in modules.values())
@@ -80,7 +84,8 @@ def test_noise_std_is_sigma_s_c_s_over_n(parts):
 
 def test_layer_granularity_keeps_whole_layers(parts):
     modules = saliency.candidate_modules(parts.unet, "attention_qkv")
-    result = saliency.select_salient(parts, modules, _batches(parts, [2]), dataset_size=2, scorer="grad_norm",
+    result = saliency.select_salient(selection_loss(parts), modules, _batches(parts, [2]), dataset_size=2,
+                                     scorer="grad_norm",
                                      noise_multiplier=1.0, max_grad_norm=1.0, ratio=0.3, granularity="layer",
                                      noise_generator=seeded_generator(2, "t"))
     layers = {saliency.layer_of(n) for n in modules}
@@ -104,21 +109,18 @@ def test_random_scorer_reads_no_data(parts):
         raise AssertionError("the random scorer touched the data")
         yield
 
-    result = saliency.select_salient(parts, modules, poisoned(), dataset_size=10, scorer="random", noise_multiplier=5,
+    result = saliency.select_salient(selection_loss(parts), modules, poisoned(), dataset_size=10, scorer="random",
+                                     noise_multiplier=5,
                                      max_grad_norm=1, ratio=0.5, granularity="matrix",
                                      noise_generator=seeded_generator(3, "t"))
     assert len(result.target_modules) == 18 and result.num_samples == 0
 
 
-def _select(args, **kw):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, os.path.join(REPO, "select_salient.py"), *args], capture_output=True,
-                          text=True, env=env, **kw)
+def _select(args):
+    return run_script("select_salient.py", args)
 
 
-def _base_args(model, data, out):
-    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--resolution", "32",
-            "--class_prompts", "fashion_mnist", "--selection_batch_size", "8", "--output", out]
+_base_args = select_args
 
 
 def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp_path):
@@ -129,10 +131,16 @@ def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp
     assert mask["num_selected"] == 11 and len(mask["target_modules"]) == 11
     assert mask["privacy"]["noise_multiplier"] == 5.0 and mask["privacy"]["dataset_size"] == 40
     prompts = dict(zip(mask["class_names"], mask["class_prompts"]))
-    assert prompts["t-shirt_top"] == "An image of a t-shirt/top" and prompts["ankle_boot"] == "An image of an ankle boot"
+    assert prompts["t_shirt_top"] == "An image of a t-shirt/top" and prompts["ankle_boot"] == "An image of an ankle boot"
     parts = modeling.load_pipeline_parts(tiny_pipeline_dir)
     saliency.check_mask(mask, parts.unet, 40)
     modeling.add_lora(parts.unet, mask["target_modules"], rank=4)
+
+    # the public --seed touches no private randomness: with the same secret --dp_seed the release is identical
+    other = str(tmp_path / "other_seed.json")
+    res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, other) + ["--dp_seed", "1", "--seed", "7"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert saliency.read_mask(other)["scores"] == mask["scores"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -141,6 +149,7 @@ def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp
     (["--image_column", "pixels"], "--image_column 'pixels' is not a column"),
     (["--candidate_pool", "everything"], "invalid choice"),
     (["--max_train_samples", "3"], "class"),  # the first 3 images are all one class
+    (["--class_names", "shirt,bag"], "outside the public class list"),  # a label the user did not declare
 ])
 def test_cli_bad_inputs_fail_clearly_without_a_mask(tiny_pipeline_dir, fashion_data_dir, tmp_path, extra, message):
     out = str(tmp_path / "mask.json")
@@ -148,6 +157,28 @@ def test_cli_bad_inputs_fail_clearly_without_a_mask(tiny_pipeline_dir, fashion_d
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not os.path.exists(out)
+
+
+def test_class_list_comes_from_the_user_never_from_the_data(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    """A label only the private data has never reaches the mask: it is refused; absent classes stay listed."""
+    data_dir = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(fashion_data_dir, data_dir)
+    out = str(tmp_path / "mask.json")
+    args = _base_args(tiny_pipeline_dir, str(data_dir), out)
+    no_list = [a for a in args if a not in ("--class_prompts", "fashion_mnist")]
+    res = _select(no_list)
+    assert res.returncode == 2 and "--class_names" in res.stderr and not os.path.exists(out)
+    shutil.move(str(data_dir / "train" / "bag"), str(data_dir / "train" / "patient_x_handbag"))
+    res = _select(args)
+    assert res.returncode == 2 and "outside the public class list" in res.stderr and not os.path.exists(out)
+    shutil.rmtree(data_dir / "train" / "patient_x_handbag")
+    res = _select(args + ["--dp_seed", "0"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    mask = json.load(open(out))
+    assert "bag" in mask["class_names"] and len(mask["class_names"]) == 10  # the public list, bag included
+    assert "patient_x_handbag" not in json.dumps(mask)
 
 
 def test_cli_unknown_model_folder(fashion_data_dir, tmp_path):
@@ -164,18 +195,25 @@ def test_cli_empty_data(tiny_pipeline_dir, tmp_path):
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
 
 
-def accelerate_two_processes(script, args, tmp_path):
-    """Two CPU processes under accelerate (gloo), as DESIGN §4 says they must be launched here."""
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + os.getpid() % 1000), os.path.join(REPO, script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+def test_unreadable_image_is_one_clear_error(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(fashion_data_dir, data_dir)
+    broken = data_dir / "train" / "dress" / "99999.png"
+    broken.write_bytes(b"this is not a png")
+    out = str(tmp_path / "mask.json")
+    res = _select(_base_args(tiny_pipeline_dir, str(data_dir), out))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "99999.png" in res.stderr and res.stderr.strip().splitlines()[-1].startswith("error:")
+    assert not os.path.exists(out)
 
 
 def test_two_processes_match_one_process(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    """With noise on and the secret seed fixed, 2 processes release exactly the 1-process scores: same draws per
+    image, same clipped sum, the noise added once."""
     one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
-    args = ["--selection_noise_multiplier", "0", "--selection_batch_size", "3"]
+    args = ["--selection_noise_multiplier", "5", "--selection_batch_size", "3", "--dp_seed", "11"]
     res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, one) + args)
     assert res.returncode == 0, res.stderr[-3000:]
     res = accelerate_two_processes("select_salient.py", _base_args(tiny_pipeline_dir, fashion_data_dir, two) + args,
@@ -185,3 +223,40 @@ def test_two_processes_match_one_process(tiny_pipeline_dir, fashion_data_dir, tm
     assert a["target_modules"] == b["target_modules"]
     for name, score in a["scores"].items():
         assert b["scores"][name] == pytest.approx(score, rel=1e-4)
+
+
+def test_fisher_noise_std_is_sigma_s_c_s_squared_over_n(parts):
+    """fisher scores are (Σ_i ‖ĝ_i,m‖² + N(0, (σ_s C_s²)²)) / N: with no data, pure noise of that scale."""
+    modules = saliency.candidate_modules(parts.unet, "all_linear")
+    n, sigma, clip = 50, 4.0, 0.5
+    values = []
+    for seed in range(6):
+        result = saliency.select_salient(selection_loss(parts), modules, [], dataset_size=n, scorer="fisher",
+                                         noise_multiplier=sigma, max_grad_norm=clip, ratio=0.3,
+                                         granularity="matrix", noise_generator=seeded_generator(seed, "t"))
+        values += list(result.scores.values())
+    measured = torch.tensor(values).std().item()
+    assert measured == pytest.approx(sigma * clip ** 2 / n, rel=0.1), (len(values), measured)
+
+
+def test_fisher_layer_ranking_sums_the_scores():
+    """Noisy fisher scores can be negative: a layer scores Σ s (its block's Σ‖ĝ‖²), never sqrt(Σ s²)."""
+    scores = {"a.attn1.to_q": -9.0, "a.attn1.to_k": -9.0, "a.attn1.to_v": -9.0,
+              "b.attn1.to_q": 1.0, "b.attn1.to_k": 1.0, "b.attn1.to_v": 1.0}
+    assert saliency.rank_and_select(scores, 0.5, "layer", "fisher") == ["b.attn1.to_q", "b.attn1.to_k", "b.attn1.to_v"]
+    # grad_norm scores are norms: the block's norm is sqrt(Σ s²)
+    norms = {"a.attn1.to_q": 3.0, "a.attn1.to_k": 0.0, "a.attn1.to_v": 0.0,
+             "b.attn1.to_q": 2.0, "b.attn1.to_k": 2.0, "b.attn1.to_v": 0.0}
+    assert saliency.rank_and_select(norms, 0.5, "layer", "grad_norm")[0].startswith("a.")
+
+
+@pytest.mark.parametrize("pool", ["attention_qkvo", "all_linear"])
+def test_selection_sums_match_batch1_loop_for_every_pool(parts, pool):
+    modules = saliency.candidate_modules(parts.unet, pool)
+    batches = _batches(parts, [2, 3], seed=4)
+    clip = 0.05
+    clipped = saliency.clipped_gradient_sums(selection_loss(parts), modules, batches, max_grad_norm=clip)
+    want = _reference_scores(parts, modules, batches, clip)
+    assert clipped.num_samples == 5
+    for name, s in zip(modules, clipped.sums):
+        assert float(s.norm() / 5) == pytest.approx(want[name], rel=1e-3, abs=1e-9), name

@@ -3,24 +3,16 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
+import stat
 
 import numpy as np
 import pytest
 import torch
 
 from dp_sapf import data, saliency
-from dp_sapf.per_sample import seeded_generator
+from dp_sapf.seeding import seeded_generator
 
-from conftest import REPO
-from test_selection import accelerate_two_processes
-
-
-def run_script(script, args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=900)
+from helpers import accelerate_two_processes, lora_tensors, run_script, train_args
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +23,6 @@ def mask_path(tiny_pipeline_dir, fashion_data_dir, tmp_path_factory):
         "32", "--class_prompts", "fashion_mnist", "--output", out, "--dp_seed", "0"])
     assert res.returncode == 0, res.stderr[-3000:]
     return out
-
-
-def train_args(model, data_dir, out, *extra):
-    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data_dir, "--resolution", "32",
-            "--class_prompts", "fashion_mnist", "--output_dir", out, "--train_batch_size", "8",
-            "--max_physical_batch_size", "4", "--max_train_steps", "4", "--validation_inference_steps", "2",
-            "--report_to", "none", "--dp_seed", "3", "--learning_rate", "1e-2", *extra]
-
-
-def lora_tensors(out):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
 
 
 def test_end_to_end_outputs_and_reload(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
@@ -92,6 +71,12 @@ def test_resume_equals_uninterrupted_run(tiny_pipeline_dir, fashion_data_dir, ma
     common = ["--saliency_mask", mask_path, "--target_epsilon", "8", "--checkpointing_steps", "2"]
     res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *common))
     assert res.returncode == 0, res.stderr[-3000:]
+    # the checkpoint holds the secret DP seed: owner-only
+    checkpoint = os.path.join(full, "checkpoint-2")
+    assert stat.S_IMODE(os.stat(checkpoint).st_mode) == 0o700
+    assert json.load(open(os.path.join(checkpoint, "ledger.json")))["dp_seed"] == 3
+    for name in os.listdir(checkpoint):
+        assert stat.S_IMODE(os.stat(os.path.join(checkpoint, name)).st_mode) == 0o600, name
     # a run "killed" after step 2: only its checkpoint survives; resuming it must give the same result
     os.makedirs(resumed)
     shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
@@ -139,10 +124,8 @@ def test_probes_engine_equals_hooks(tiny_pipeline_dir, fashion_data_dir, mask_pa
 
 @pytest.mark.parametrize("extra", [
     ["--lora_target", "all_attention", "--target_epsilon", "8"],
-    ["--train_mode", "direct", "--target_epsilon", "8"],
     ["--train_mode", "direct", "--lora_target", "all_attention", "--target_epsilon", "8"],
     ["--train_mode", "full", "--lora_target", "all_attention", "--target_epsilon", "8", "--max_train_steps", "1"],
-    ["--no_dp"],
     ["--target_epsilon", "8", "--mixed_precision", "bf16"],
 ])
 def test_every_mode_runs(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path, extra):
@@ -153,7 +136,38 @@ def test_every_mode_runs(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_pat
                                                     "--max_train_steps", "2"))
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.load(open(os.path.join(out, "privacy_report.json")))
-    assert report["private"] == ("--no_dp" not in extra)
+    assert report["private"] and report["epsilon"] <= 8
+
+
+def test_public_seed_changes_no_private_randomness(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    """With the secret --dp_seed fixed, --seed (public) leaves the trained weights unchanged: the per-sample
+    draws, the Poisson sample and the noise all come from the secret seed. (--train_mode direct: no random
+    LoRA initialisation, which is the one thing --seed does seed.)"""
+    outs = []
+    for seed in ("0", "5"):
+        outs.append(str(tmp_path / f"seed{seed}"))
+        res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, outs[-1], "--saliency_mask",
+                                                        mask_path, "--train_mode", "direct", "--noise_multiplier", "1",
+                                                        "--max_train_steps", "2", "--seed", seed))
+        assert res.returncode == 0, res.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(o, "unet", "diffusion_pytorch_model.safetensors")) for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags", [["--no_dp"], ["--target_epsilon", "+inf"], ["--target_epsilon", "1e999"]])
+def test_non_private_runs_say_so(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path, flags):
+    out = str(tmp_path / "run")
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, out, "--saliency_mask",
+                                                    mask_path, *flags, "--max_train_steps", "1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "privacy_report.json")))
+    assert report["private"] is False and report["epsilon"] == float("inf") and report["noise_multiplier"] == 0
+    card = open(os.path.join(out, "README.md")).read()
+    assert "NOT differentially private" in card and "not-differentially-private" in card
+    assert "- differential-privacy" not in card and "Trained with differential privacy" not in card
+    assert "private: false" in card
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -161,13 +175,44 @@ def test_every_mode_runs(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_pat
     (["--target_epsilon", "8", "--train_batch_size", "41"], "exceeds the dataset size"),
     (["--target_epsilon", "8", "--max_train_samples", "30"], "N = 40 images but training data has N = 30"),
     (["--noise_multiplier", "1", "--target_epsilon", "3"], "exactly one of"),
+    (["--no_dp", "--target_epsilon", "3"], "exactly one of"),
+    (["--target_epsilon", "nan"], "--target_epsilon must be > 0"),
+    (["--target_epsilon=-inf"], "--target_epsilon must be > 0"),
+    (["--target_epsilon", "0"], "--target_epsilon must be > 0"),
+    (["--noise_multiplier", "0"], "--noise_multiplier must be a finite number > 0"),
+    (["--noise_multiplier", "-1"], "--noise_multiplier must be a finite number > 0"),
+    (["--target_epsilon", "8", "--target_delta", "1"], "--target_delta must be in (0, 1)"),
+    (["--target_epsilon", "8", "--target_delta", "1.5"], "--target_delta must be in (0, 1)"),
+    (["--target_epsilon", "8", "--target_delta", "0"], "--target_delta must be in (0, 1)"),
+    (["--target_epsilon", "8", "--target_delta", "-0.1"], "--target_delta must be in (0, 1)"),
 ])
 def test_bad_inputs_fail_before_training(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path, extra, message):
     out = str(tmp_path / "run")
     res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, out, "--saliency_mask",
                                                     mask_path, *extra))
     assert res.returncode == 2 and message in res.stderr, res.stderr[-3000:]
-    assert not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert "Traceback" not in res.stderr
+    assert not os.path.exists(out)
+
+
+def test_unreadable_image_or_mask_is_one_clear_error(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(fashion_data_dir, data_dir)
+    (data_dir / "train" / "coat" / "99999.png").write_bytes(b"truncated")
+    out = str(tmp_path / "run")
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, str(data_dir), out, "--lora_target",
+                                                    "all_attention", "--target_epsilon", "8"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and "99999.png" in lines[-1] and lines[-1].startswith("error:"), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and not os.path.exists(out)
+
+    not_json = tmp_path / "mask.json"
+    not_json.write_text("{target_modules: oops")
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, out, "--saliency_mask",
+                                                    str(not_json), "--target_epsilon", "8"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and str(not_json) in lines[-1] and lines[-1].startswith("error:"), res.stderr[-3000:]
+    assert not os.path.exists(out)
 
 
 def test_mask_for_another_model_is_refused(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):

@@ -1,0 +1,139 @@
+"""The training output folder: its file names, the run status, checkpoints, and the report other scripts read.
+
+    <output_dir>/pytorch_lora_weights.safetensors   release (pipe.load_lora_weights)
+                 privacy_report.json                 release: every figure of the guarantee (privacy.py schema)
+                 saliency_mask.json, README.md, validation_grid.png    release
+                 run_status.json                      running | failed | complete (a result only when complete)
+                 checkpoint-<step>/                   private: weights, optimizer, RNG, ledger and the secret DP seed
+                 logs/                                private: the logged loss is not differentially private
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+REPORT_FILE = "privacy_report.json"
+MASK_FILE = "saliency_mask.json"
+STATUS_FILE = "run_status.json"
+GRID_FILE = "validation_grid.png"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def write_status(output_dir: str, status: str, **extra) -> None:
+    """run_status.json says whether the folder is a finished result, still running, or failed."""
+    with open(os.path.join(output_dir, STATUS_FILE), "w") as f:
+        json.dump({"status": status, **extra}, f, indent=2)
+
+
+def read_status(output_dir: str) -> str | None:
+    """'running', 'failed', 'complete', or None when the folder holds no status."""
+    path = os.path.join(output_dir, STATUS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("status")
+
+
+def write_json(output_dir: str, name: str, record: dict) -> str:
+    path = os.path.join(output_dir, name)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return path
+
+
+def read_training_report(*folders: str | None) -> dict | None:
+    """The privacy report of the first local folder that has one; refuses a run that did not finish."""
+    for folder in folders:
+        if not folder or not os.path.isdir(folder):
+            continue
+        status = read_status(folder)
+        if status not in (None, "complete"):
+            raise ValueError(f"{folder} is not a finished training run (run_status.json says {status!r}).")
+        path = os.path.join(folder, REPORT_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Finished checkpoint folders, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir)
+             if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [os.path.join(output_dir, d) for d in sorted(names, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))]
+
+
+def resolve_checkpoint(output_dir: str, which: str | None) -> str | None:
+    """--resume_from_checkpoint: 'latest' (None when there is none yet) or a folder."""
+    if not which:
+        return None
+    if which == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isdir(which):
+        raise FileNotFoundError(f"--resume_from_checkpoint {which!r} is not a checkpoint folder.")
+    return which
+
+
+def save_checkpoint(output_dir: str, step: int, tensors: dict[str, torch.Tensor], optimizer, lr_scheduler,
+                    ledger_state: dict, dp_seed: int, public_seed: int, keep: int | None = None) -> str:
+    """Write checkpoint-{step} atomically: everything needed to continue bit for bit.
+
+    It holds the secret DP seed (whoever has it can recompute every step's noise and sample), so the folder and
+    its files are readable by their owner only, and checkpoints are never pushed to the Hub.
+    """
+    from safetensors.torch import save_file
+
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp, mode=0o700)
+    os.chmod(tmp, 0o700)  # makedirs' mode is masked by the umask
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}},
+               os.path.join(tmp, "training_state.pt"))
+    ledger_path = os.path.join(tmp, "ledger.json")
+    fd = os.open(ledger_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"step": step, "dp_seed": dp_seed, "seed": public_seed, "ledger": ledger_state}, f, indent=2)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o600)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if keep is not None:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, tensors: dict[str, torch.Tensor], optimizer, lr_scheduler, check_ledger) -> dict:
+    """Restore tensors, optimizer, scheduler and RNG in place; return the saved {step, dp_seed, seed, ledger}.
+
+    `check_ledger(saved_ledger_state)` runs first and raises if the privacy parameters changed.
+    """
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "ledger.json")) as f:
+        saved = json.load(f)
+    check_ledger(saved["ledger"])
+    stored = load_file(os.path.join(path, "trainable.safetensors"))
+    if set(stored) != set(tensors):
+        raise ValueError(f"Checkpoint {path} holds other trainable tensors than this run (another mask or mode?).")
+    with torch.no_grad():
+        for k, p in tensors.items():
+            p.copy_(stored[k])
+    state = torch.load(os.path.join(path, "training_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    return saved
