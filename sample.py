@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, modeling, run_folder
+from dp_sapf import data, distributed, modeling, run_folder, timing
 from dp_sapf.cli import run_cli
 
 
@@ -101,6 +101,8 @@ def main(argv=None):
         os.makedirs(os.path.join(args.output_dir, name), exist_ok=True)
     accelerator.print(f"{len(jobs)} images over {len(names)} classes; {len(jobs) - len(todo)} already there.")
     progress = tqdm(total=len(mine), desc="Sampling", unit="img", disable=not accelerator.is_local_main_process)
+    timings = timing.Timings(accelerator.device, warmup_units=1)  # the first batch compiles under --compile
+    timings.start_units()
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start:start + args.batch_size]
         generators = [torch.Generator(device=accelerator.device).manual_seed(args.seed * 1_000_003 + c * 10_007 + k)
@@ -114,11 +116,17 @@ def main(argv=None):
             path = image_path(args.output_dir, names[c], k)
             image.save(path + ".tmp.png")
             os.replace(path + ".tmp.png", path)  # a killed run never leaves a truncated image behind
+        timings.unit_done(len(batch))  # the pipeline returned PIL images: the batch is finished
         progress.update(len(batch))
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_index(args, names, prompts, counts)
+        if mine:
+            summary = timings.summary(unit="batch", items="images")
+            run_folder.write_json(args.output_dir, "timings.json", {**summary, "batch_size": args.batch_size,
+                                                                    "num_inference_steps": args.num_inference_steps,
+                                                                    "processes": accelerator.num_processes})
     distributed.finish(accelerator)
 
 

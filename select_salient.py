@@ -9,12 +9,14 @@ jointly, the clipped sums are added across processes and the noise is added once
 """
 
 import argparse
+import json
 import math
+import os
 
 import torch
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, modeling, saliency
+from dp_sapf import data, distributed, modeling, per_sample, saliency, timing
 from dp_sapf.cli import add_runtime_args, run_cli
 from dp_sapf.seeding import seeded_generator
 
@@ -46,6 +48,11 @@ def parse_args(argv=None):
                    help="torch.compile the per-sample clip-and-sum kernel (same arithmetic, less memory traffic; "
                         "worth it on a GPU at SD scale, where it reads each per-sample gradient twice instead of "
                         "five times).")
+    g.add_argument("--ghost_norms", choices=per_sample.GHOST_MODES, default="auto",
+                   help="Per-sample gradients of a matrix kept factored (its input and output gradient; norms from "
+                        "their Gram matrices, the clipped sum as one matmul) instead of formed: auto where that is "
+                        "smaller (tokens² <= in·out: cross-attention k/v, low-resolution levels), never, always. "
+                        "The release is the same.")
     g.add_argument("--output", type=str, default="saliency_mask.json", help="Where to write the mask JSON.")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
@@ -71,10 +78,11 @@ def main(argv=None):
     accelerator.print(f"Selecting {saliency.num_selected(args.select_ratio, len(modules))} of {len(modules)} "
                       f"{args.candidate_pool} matrices from N = {n} images (scorer {args.scorer}).")
 
-    batches, progress = (), None
+    batches, progress, timings = (), None, timing.Timings(device)
     if args.scorer != "random":
-        cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
-                                    device=device, dtype=weight_dtype, show_progress=accelerator.is_main_process)
+        with timings.stage("encode_latents"):
+            cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
+                                        device=device, dtype=weight_dtype, show_progress=accelerator.is_main_process)
         prompt_embeds = modeling.encode_prompts(parts, prompts, device)
         # each image's diffusion draws come from the secret seed, keyed by the image itself (docs/design.md §1)
         batches = data.micro_batches(
@@ -85,12 +93,14 @@ def main(argv=None):
             stream=("selection",), device=device)
         progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
     loss_fn = modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler, accelerator.autocast)
-    result = saliency.select_salient(
-        loss_fn, modules, batches, dataset_size=n, scorer=args.scorer, noise_multiplier=args.selection_noise_multiplier,
-        max_grad_norm=args.selection_max_grad_norm, ratio=args.select_ratio, granularity=args.granularity,
-        noise_generator=(seeded_generator(args.seed, "random-mask") if args.scorer == "random"
-                         else seeded_generator(dp_seed, "selection-noise", device=device)), accelerator=accelerator,
-        progress=progress, compile=args.compile)
+    with timings.stage("saliency_pass"):
+        result = saliency.select_salient(
+            loss_fn, modules, batches, dataset_size=n, scorer=args.scorer,
+            noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
+            ratio=args.select_ratio, granularity=args.granularity,
+            noise_generator=(seeded_generator(args.seed, "random-mask") if args.scorer == "random"
+                             else seeded_generator(dp_seed, "selection-noise", device=device)),
+            accelerator=accelerator, progress=progress, compile=args.compile, ghost=args.ghost_norms)
     if progress is not None:
         progress.close()
     if args.scorer != "random" and result.num_samples != n:
@@ -102,7 +112,13 @@ def main(argv=None):
         dataset_size=n, class_names=class_names, class_prompts=prompts)
     if accelerator.is_main_process:
         saliency.write_mask(mask, args.output)
-        accelerator.print(f"Kept {len(result.target_modules)} matrices; mask written to {args.output}")
+        summary = timings.summary()
+        if args.scorer != "random":
+            summary["saliency_images_per_s"] = round(n / summary["saliency_pass_s"], 2)
+        with open(os.path.splitext(args.output)[0] + ".timings.json", "w") as f:  # beside, not inside, the release
+            json.dump(summary, f, indent=2)
+        accelerator.print(f"Kept {len(result.target_modules)} matrices; mask written to {args.output} "
+                          f"(saliency pass {summary.get('saliency_images_per_s')} images/s)")
     distributed.finish(accelerator)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, hub, modeling, per_sample, privacy, run_folder, saliency
+from dp_sapf import data, distributed, hub, modeling, per_sample, privacy, run_folder, saliency, timing
 from dp_sapf.cli import add_runtime_args, run_cli
 from dp_sapf.seeding import seeded_generator
 
@@ -63,8 +63,9 @@ def parse_args(argv=None):
                         "break the graph); opacus: GradSampleModule (fp32 only, any layer). auto: probes with "
                         "--compile, else hooks; opacus when a trainable tensor is outside nn.Linear (--train_mode full).")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (same result, ~1.6x the step throughput of eager on an H100; the "
-                        "first steps compile, and Poisson batches of new sizes may recompile).")
+                   help="torch.compile the UNet (same result, ~1.6x the step throughput of eager on an H100). Every "
+                        "micro-batch is padded to --max_physical_batch_size with zero-weight rows (zero loss, zero "
+                        "gradient, nothing added to the clipped sum), so Poisson batches of any size reuse one graph.")
     g.add_argument("--allow_tf32", action="store_true",
                    help="Allow TF32 matmuls on Ampere+ GPUs (faster fp32 products, slightly less precise).")
     g = p.add_argument_group("optimisation")
@@ -207,8 +208,10 @@ def main(argv=None):
         max_grad_norm=args.max_grad_norm, engine=engine, accelerator=accelerator, compile=args.compile)
 
     # Encoding reads every image: an unreadable one fails here, before the output folder is touched.
-    cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip, device=device,
-                                dtype=weight_dtype, show_progress=accelerator.is_main_process)
+    timings = timing.Timings(device)
+    with timings.stage("encode_latents"):
+        cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip, device=device,
+                                    dtype=weight_dtype, show_progress=accelerator.is_main_process)
     prompt_embeds = modeling.encode_prompts(parts, prompts, device)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -241,13 +244,14 @@ def main(argv=None):
         parts.unet.train()
         progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
                         desc="DP-SGD" if private else "non-private", disable=not accelerator.is_main_process)
+        timings.start_units()
         for step in range(first_step, args.max_train_steps):
             indices = data.poisson_sample(n, ledger.sample_rate, seeded_generator(dp_seed, "poisson", step, device=device))
             batches = data.micro_batches(
                 cache, prompt_embeds, indices, rank=accelerator.process_index, world_size=accelerator.num_processes,
                 micro_batch_size=args.max_physical_batch_size,
                 num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
-                stream=("train", step), device=device)
+                stream=("train", step), device=device, pad_to=args.max_physical_batch_size if args.compile else None)
             loss_sum = step_gradients(batches, noise_multiplier=ledger.noise_multiplier,
                                       noise_generator=seeded_generator(dp_seed, "noise", step, device=device),
                                       expected_batch_size=args.train_batch_size, realised_batch_size=indices.shape[0])
@@ -256,7 +260,8 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             ledger.steps_done = step + 1
 
-            loss = (accelerator.reduce(loss_sum, reduction="sum") / max(1, indices.shape[0])).item()
+            loss = (accelerator.reduce(loss_sum, reduction="sum") / max(1, indices.shape[0])).item()  # syncs
+            timings.unit_done(indices.shape[0])
             if private and ((step + 1) % epsilon_every == 0 or step + 1 == args.max_train_steps):
                 spent = ledger.epsilon_spent()  # numerical accountants take ~1 s: not at every step
             logs = {"loss": loss, "epsilon": spent, "batch": int(indices.shape[0]), "lr": lr_scheduler.get_last_lr()[0]}
@@ -275,7 +280,7 @@ def main(argv=None):
 
         # 5. Outputs.
         if accelerator.is_main_process:
-            finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype)
+            finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings)
     except BaseException as err:
         if accelerator.is_main_process and os.path.isdir(args.output_dir):
             run_folder.write_status(args.output_dir, "failed", error=f"{type(err).__name__}: {err}",
@@ -284,8 +289,11 @@ def main(argv=None):
     distributed.finish(accelerator)
 
 
-def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype):
-    """Weights, report, validation grid, card; run_status 'complete' last, so a crash never looks done."""
+def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings):
+    """Weights, report, validation grid, card; run_status 'complete' last, so a crash never looks done.
+
+    The run's own timings go to run_status.json (never pushed: run times are not covered by the guarantee).
+    """
     unet = accelerator.unwrap_model(parts.unet)
     report = ledger.report(
         dataset_size=n, expected_batch_size=args.train_batch_size,
@@ -314,7 +322,11 @@ def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask,
     hub.write_model_card(args.output_dir, repo_id=repo_id if args.push_to_hub else None,
                          base_model=args.pretrained_model_name_or_path, report=report, class_prompts=prompts,
                          has_lora=args.train_mode == "lora", image_file=run_folder.GRID_FILE)
-    run_folder.write_status(args.output_dir, "complete", epsilon=report["epsilon"], delta=report["delta"])
+    summary = timings.summary()
+    run_folder.write_status(args.output_dir, "complete", epsilon=report["epsilon"], delta=report["delta"],
+                            timings=summary)
+    accelerator.print(f"Throughput: {summary.get('steady_samples_per_s')} samples/s after {summary.get('warmup_steps')} "
+                      f"warm-up steps ({summary.get('warmup_s')} s); peak memory {summary['peak_memory_gib']} GiB")
     split = report["budget_split"]
     accelerator.print(f"Done: ε = {report['epsilon']:.4g}, δ = {report['delta']:.3g} (selection alone "
                       f"{split['epsilon_selection_only']:.4g}, selection share {split['selection_share']:.1%}); "

@@ -26,16 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dp_sapf import distributed, modeling, per_sample, saliency  # noqa: E402
 from dp_sapf.seeding import seeded_generator  # noqa: E402
 
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["tiny", "sd15"], default="tiny", help="Which UNet to time.")
@@ -61,6 +51,8 @@ def load_models(args):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     if args.model == "sd15":
+        from dp_sapf.tiny_pipeline import SD15_UNET, SD15_VAE
+
         torch.manual_seed(0)
         return (UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
                 DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

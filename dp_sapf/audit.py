@@ -54,18 +54,14 @@ def clopper_pearson(successes: int, trials: int, alpha: float) -> tuple[float, f
     return lo, hi
 
 
-def _epsilon_at(out_scores, in_scores, threshold, delta, alpha=None):
-    """ε implied by 'guess canary when score ≥ threshold' (point estimate, or lower bound if alpha is given)."""
+def _epsilon_at(out_scores, in_scores, threshold, delta, alpha):
+    """The ε lower bound (Clopper–Pearson at 1 - alpha) implied by 'guess canary when score ≥ threshold'."""
     n_out, n_in = len(out_scores), len(in_scores)
     fp, tp = int((out_scores >= threshold).sum()), int((in_scores >= threshold).sum())
-    if alpha is None:  # smoothed point estimate, to pick the threshold
-        tpr, fpr = (tp + 0.5) / (n_in + 1), (fp + 0.5) / (n_out + 1)
-        tnr, fnr = 1 - fpr, 1 - tpr
-    else:
-        tpr, _ = clopper_pearson(tp, n_in, alpha)
-        _, fpr = clopper_pearson(fp, n_out, alpha)
-        tnr, _ = clopper_pearson(n_out - fp, n_out, alpha)
-        _, fnr = clopper_pearson(n_in - tp, n_in, alpha)
+    tpr, _ = clopper_pearson(tp, n_in, alpha)
+    _, fpr = clopper_pearson(fp, n_out, alpha)
+    tnr, _ = clopper_pearson(n_out - fp, n_out, alpha)
+    _, fnr = clopper_pearson(n_in - tp, n_in, alpha)
     candidates = [0.0]
     if tpr - delta > 0 and fpr > 0:
         candidates.append(math.log((tpr - delta) / fpr))
@@ -75,12 +71,16 @@ def _epsilon_at(out_scores, in_scores, threshold, delta, alpha=None):
 
 
 def epsilon_lower_bound(out_scores, in_scores, delta: float, confidence: float = 0.95) -> dict:
-    """Pick the threshold on the first half of the trials, bound ε with Clopper–Pearson on the second half."""
+    """Pick the threshold on the first half of the trials, bound ε with Clopper–Pearson on the second half.
+
+    The threshold maximises the Clopper–Pearson bound on the first half (a point estimate would favour far-tail
+    thresholds that one lucky trial makes look good and the second half then refutes).
+    """
     out_scores, in_scores = np.asarray(out_scores), np.asarray(in_scores)
     h_out, h_in = len(out_scores) // 2, len(in_scores) // 2
     sel_out, sel_in = out_scores[:h_out], in_scores[:h_in]
     thresholds = np.unique(np.concatenate([sel_out, sel_in]))
-    best = max(thresholds, key=lambda t: _epsilon_at(sel_out, sel_in, t, delta))
+    best = max(thresholds, key=lambda t: _epsilon_at(sel_out, sel_in, t, delta, alpha=(1 - confidence)))
     # two one-sided bounds per rate at (1 - confidence)/2 each: union bound gives the stated confidence
     lower = _epsilon_at(out_scores[h_out:], in_scores[h_in:], best, delta, alpha=(1 - confidence))
     return {"epsilon_lower": lower, "threshold": float(best), "confidence": confidence,

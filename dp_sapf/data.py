@@ -337,12 +337,16 @@ def diffusion_draws(cache: LatentCache, indices: torch.Tensor, *, secret_seed: i
 
 def micro_batches(cache: LatentCache, prompt_embeds: torch.Tensor, indices: torch.Tensor, *, rank: int,
                   world_size: int, micro_batch_size: int, num_train_timesteps: int, secret_seed: int,
-                  stream: tuple, device):
+                  stream: tuple, device, pad_to: int | None = None):
     """Yield (latents, prompt states, noise, timesteps) micro-batches of this rank's share of `indices`.
 
     The per-sample randomness comes from `diffusion_draws` (secret, keyed per image), so a sample gets the
     same inputs whether it runs in 1 or several processes, in any micro-batch, and after a resume. The
     draws of the next micro-batch are made on a worker thread while the current one is on the device.
+
+    pad_to: every micro-batch gets exactly this many rows (for torch.compile: one shape, no recompiles), the
+    padding rows zeros, and a fifth element, the per-row weights on the CPU (1 real, 0 padding): the loss
+    multiplies by them, so a padding row has zero loss, zero gradient, and adds nothing to the clipped sum.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -360,7 +364,15 @@ def micro_batches(cache: LatentCache, prompt_embeds: torch.Tensor, indices: torc
             pending = pool.submit(draws, chunks[k + 1]) if k + 1 < len(chunks) else None
             latents = cache.draw(idx, flips, eps.to(device))
             hidden = prompt_embeds[cache.labels[idx].to(prompt_embeds.device)]
-            yield latents, hidden, noise.to(device), timesteps.to(device)
+            batch = (latents, hidden, noise.to(device), timesteps.to(device))
+            if pad_to is None:
+                yield batch
+                continue
+            missing = pad_to - len(idx)
+            if missing < 0:
+                raise ValueError(f"A micro-batch of {len(idx)} rows does not fit pad_to = {pad_to}.")
+            weights = torch.cat([torch.ones(len(idx)), torch.zeros(missing)])
+            yield tuple(torch.cat([t, t.new_zeros((missing, *t.shape[1:]))]) for t in batch) + (weights,)
 
 
 def image_grid(images: list, columns: int) -> Image.Image:

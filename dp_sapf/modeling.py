@@ -94,14 +94,16 @@ def per_sample_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, enco
 
 
 def diffusion_loss_fn(model, noise_scheduler, autocast=None):
-    """`loss(latents, hidden, noise, timesteps) -> (B,)` per-sample losses under `autocast`, for the step loops."""
+    """`loss(latents, hidden, noise, timesteps[, weights]) -> (B,)` per-sample losses under `autocast`, for the
+    step loops; `weights` (0 for padding rows of a fixed-shape micro-batch) multiply each sample's loss."""
     import contextlib
 
     autocast = autocast or contextlib.nullcontext
 
-    def loss(latents, hidden, noise, timesteps):
+    def loss(latents, hidden, noise, timesteps, weights=None):
         with autocast():
-            return per_sample_diffusion_loss(model, noise_scheduler, latents, hidden, noise, timesteps)
+            losses = per_sample_diffusion_loss(model, noise_scheduler, latents, hidden, noise, timesteps)
+        return losses if weights is None else losses * weights.to(losses.device, non_blocking=True)
 
     return loss
 

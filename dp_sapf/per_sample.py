@@ -23,17 +23,70 @@ import torch
 import torch.nn as nn
 
 
+class LinearFactors:
+    """A per-sample weight gradient kept factored, G_b = g_bᵀ x_b, with g (B, T, out) and x (B, T, in).
+
+    Book-keeping ("ghost") clipping: ‖G_b‖² = Σ_{t,s} (x_t·x_s)(g_t·g_s) costs B·T²·(in+out) instead of forming
+    B·out·in numbers, and Σ_b c_b·G_b is one matmul. Worth it where T² < in·out (cross-attention k/v, the
+    low-resolution levels). Norm and sum are both computed in full fp32 from the same stored factors, so the
+    clip bound holds for the values that are summed; a non-finite sample is zeroed as in the materialised path.
+    """
+
+    def __init__(self, x: torch.Tensor, g: torch.Tensor):
+        self.x, self.g = x, g
+
+    @property
+    def shape(self) -> tuple:
+        return (self.x.shape[0], self.g.shape[-1], self.x.shape[-1])
+
+    def append(self, other: "LinearFactors") -> "LinearFactors":
+        """A module called twice in one forward: its gradient is the sum, i.e. the factors concatenated in T."""
+        return LinearFactors(torch.cat([self.x, other.x], 1), torch.cat([self.g, other.g], 1))
+
+    def materialise(self) -> torch.Tensor:
+        return torch.bmm(self.g.float().transpose(1, 2), self.x.float())
+
+    def squared_norms(self) -> torch.Tensor:
+        with _full_fp32_matmuls():
+            x, g = self.x.float(), self.g.float()
+            return (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+    def weighted_sum(self, factors: torch.Tensor) -> torch.Tensor:
+        with _full_fp32_matmuls():
+            x = torch.nan_to_num(self.x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+            g = torch.nan_to_num(self.g.float(), nan=0.0, posinf=0.0, neginf=0.0) * factors[:, None, None]
+            return g.flatten(0, 1).T @ x.flatten(0, 1)
+
+
+class _full_fp32_matmuls:
+    """No TF32 inside: the clip bound must hold to fp32 precision, whatever --allow_tf32 says."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+GHOST_MODES = ("auto", "never", "always")
+
+
 class LinearPerSampleHooks:
     """Collect per-sample gradients of the weights (and biases) of chosen nn.Linear modules.
 
     Works under any autocast dtype: the per-sample product runs in the dtype of the saved input and incoming
     output gradient (fp32 accumulation inside the matmul) and is kept in that dtype. Use as a context manager
-    around forward+backward of a summed loss.
+    around forward+backward of a summed loss. ghost: keep a weight's per-sample gradients as `LinearFactors`
+    never, always, or (auto) where that is smaller (T² ≤ in·out); `ClippedGradientSum` takes either form.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], include_bias: bool = True):
+    def __init__(self, modules: dict[str, nn.Linear], include_bias: bool = True, ghost: str = "never"):
+        if ghost not in GHOST_MODES:
+            raise ValueError(f"Unknown ghost mode {ghost!r}; choose from {', '.join(GHOST_MODES)}.")
         self.modules = modules
         self.include_bias = include_bias
+        self.ghost = ghost
         self.grad_samples: dict[nn.Parameter, torch.Tensor] = {}
         self._handles = []
 
@@ -64,17 +117,25 @@ class LinearPerSampleHooks:
             dtype = activation.dtype if activation.dtype == grad_output.dtype else torch.float32
             x = activation.to(dtype).reshape(activation.shape[0], -1, activation.shape[-1])
             g = grad_output.to(dtype).reshape(grad_output.shape[0], -1, grad_output.shape[-1])
-            self._accumulate(module.weight, torch.bmm(g.transpose(1, 2), x))
+            tokens = x.shape[1]
+            if self.ghost == "always" or (self.ghost == "auto" and tokens * tokens <= x.shape[-1] * g.shape[-1]):
+                self._accumulate(module.weight, LinearFactors(x, g))
+            else:
+                self._accumulate(module.weight, torch.bmm(g.transpose(1, 2), x))
             if self.include_bias and module.bias is not None and module.bias.requires_grad:
                 self._accumulate(module.bias, g.float().sum(1))
 
         output.register_hook(on_output_grad)
 
-    def _accumulate(self, param: nn.Parameter, grad_sample: torch.Tensor) -> None:
-        if param in self.grad_samples:  # a module called twice in one forward
-            self.grad_samples[param] = self.grad_samples[param].float() + grad_sample.float()
-        else:
+    def _accumulate(self, param: nn.Parameter, grad_sample) -> None:
+        old = self.grad_samples.get(param)
+        if old is None:
             self.grad_samples[param] = grad_sample
+        elif isinstance(old, LinearFactors) and isinstance(grad_sample, LinearFactors):  # a module called twice
+            self.grad_samples[param] = old.append(grad_sample)
+        else:
+            as_tensor = [t.materialise() if isinstance(t, LinearFactors) else t.float() for t in (old, grad_sample)]
+            self.grad_samples[param] = as_tensor[0] + as_tensor[1]
 
 
 class LinearPerSampleProbes:
@@ -208,12 +269,16 @@ def clip_and_accumulate(grad_samples: list[torch.Tensor], sums: list[torch.Tenso
     dtype of g); a non-finite sample contributes zero. `fused` writes the weighted sum as a pointwise product
     and a reduction, which torch.compile turns into one read of each per-sample tensor (eager: use einsum).
     """
-    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) ** 2
+    per_tensor = torch.stack([g.squared_norms() if isinstance(g, LinearFactors) else
+                              torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) ** 2
                               for g in grad_samples], dim=1)  # (B, tensors), one read of each tensor
     norms = per_tensor.sum(1).sqrt()
     finite = torch.isfinite(norms)
     factors = torch.where(finite, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
     for total, g in zip(sums, grad_samples):
+        if isinstance(g, LinearFactors):
+            total.add_(g.weighted_sum(factors))
+            continue
         clean = torch.nan_to_num(g.float(), nan=0.0, posinf=0.0, neginf=0.0)
         if fused:
             total.add_((factors.view(-1, *([1] * (g.dim() - 1))) * clean).sum(0))
@@ -255,17 +320,21 @@ class ClippedGradientSum:
     def _device(self):
         return self.params[0].device if self.params else torch.device("cpu")
 
-    def add(self, grad_samples: dict[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Clip each sample jointly and add it to the sums; returns the unclipped per-sample norms (B,)."""
+    def add(self, grad_samples: dict[torch.Tensor, torch.Tensor], count: int | None = None) -> torch.Tensor:
+        """Clip each sample jointly and add it to the sums; returns the unclipped per-sample norms (B,).
+
+        count: how many of the B rows are real samples (the rest are zero padding rows, which add nothing).
+        """
         missing = [i for i, p in enumerate(self.params) if p not in grad_samples]
         if missing:
             raise RuntimeError(f"{len(missing)} trainable tensors got no per-sample gradient (are they used in the "
                                "forward pass, with hooks active?).")
         batch = [grad_samples[p] for p in self.params]
-        norms, squared = self._kernel(batch, self.sums, self.max_grad_norm)
+        kernel = clip_and_accumulate if any(isinstance(g, LinearFactors) for g in batch) else self._kernel
+        norms, squared = kernel(batch, self.sums, self.max_grad_norm)
         if self.track_squared_norms:
             self.squared_norm_sums.add_(squared)
-        self.num_samples += int(batch[0].shape[0])
+        self.num_samples += int(batch[0].shape[0]) if count is None else count
         return norms
 
     def all_reduce(self, accelerator=None) -> None:
@@ -295,22 +364,25 @@ def accumulate_clipped(loss_fn, batches, engine, clipped: "ClippedGradientSum", 
     """The one loop over micro-batches: per-sample losses, backward of their sum, clipped add of each sample.
 
     `loss_fn(*batch)` returns one loss per sample (shape (B,)), never an average across samples, so each
-    per-sample gradient is that of its own loss. Returns this process's summed loss (no host sync).
+    per-sample gradient is that of its own loss. A batch may carry a fifth element, CPU weights of its rows
+    (0: a padding row, whose loss and gradient are zero): only the real rows are counted. Returns this
+    process's summed loss (no host sync).
     """
     loss_sum = None
     with engine:
         for batch in batches:
             size = batch[0].shape[0]
-            if size == 0:
+            real = int(batch[4].sum()) if len(batch) > 4 else size
+            if real == 0:
                 continue
             losses = loss_fn(*batch)
             losses.sum().backward()
-            clipped.add(engine.pop(size))
+            clipped.add(engine.pop(size), count=real)
             for p in params:
                 p.grad = None
             loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
             if progress is not None:
-                progress(size)
+                progress(real)
     return loss_sum
 
 

@@ -108,12 +108,13 @@ class SelectionResult:
 
 def clipped_gradient_sums(loss_fn, modules: dict[str, nn.Linear], batches, *, max_grad_norm: float,
                           track_squared_norms: bool = False, accelerator=None, progress=None,
-                          compile: bool = False):
+                          compile: bool = False, ghost: str = "auto"):
     """Σ_i clip_{C_s}(g_i) over this process's samples, each g_i over all candidate weights jointly, summed over
     processes (the pre-noise query). `batches` yields (latents, hidden, noise, timesteps).
 
     The candidate weights require grad during the pass (and only then): every candidate then has a gradient
     path, also those whose input carries none (the time embedding's linears in the all_linear pool).
+    ghost: per-sample gradients kept factored where smaller (`per_sample.LinearFactors`): the same sums.
     """
     from .per_sample import ClippedGradientSum, LinearPerSampleHooks, accumulate_clipped
 
@@ -124,7 +125,8 @@ def clipped_gradient_sums(loss_fn, modules: dict[str, nn.Linear], batches, *, ma
     try:
         for w in weights:
             w.requires_grad_(True)
-        accumulate_clipped(loss_fn, batches, LinearPerSampleHooks(modules, include_bias=False), clipped, weights,
+        accumulate_clipped(loss_fn, batches, LinearPerSampleHooks(modules, include_bias=False, ghost=ghost), clipped,
+                           weights,
                            progress=None if progress is None else (lambda b: progress.update(b * scale)))
     finally:
         for w, flag in zip(weights, before):
@@ -153,7 +155,7 @@ def noisy_scores(clipped, names: list[str], *, scorer: str, noise_multiplier: fl
 def select_salient(loss_fn, modules: dict[str, nn.Linear], batches, *, dataset_size: int, scorer: str,
                    noise_multiplier: float, max_grad_norm: float, ratio: float, granularity: str,
                    noise_generator: torch.Generator, accelerator=None, progress=None,
-                   compile: bool = False) -> SelectionResult:
+                   compile: bool = False, ghost: str = "auto") -> SelectionResult:
     """Run the Gaussian saliency query over `batches` (this process's shard) and pick the top matrices.
 
     Every sample's gradient over all candidate weights is clipped jointly before anything is summed; sums are
@@ -168,7 +170,7 @@ def select_salient(loss_fn, modules: dict[str, nn.Linear], batches, *, dataset_s
         return SelectionResult(scores, rank_and_select(scores, ratio, granularity, scorer), 0)
     clipped = clipped_gradient_sums(loss_fn, modules, batches, max_grad_norm=max_grad_norm,
                                     track_squared_norms=scorer == "fisher", accelerator=accelerator,
-                                    progress=progress, compile=compile)
+                                    progress=progress, compile=compile, ghost=ghost)
     scores = noisy_scores(clipped, names, scorer=scorer, noise_multiplier=noise_multiplier,
                           dataset_size=dataset_size, noise_generator=noise_generator)
     return SelectionResult(scores, rank_and_select(scores, ratio, granularity, scorer), clipped.num_samples)
@@ -217,6 +219,7 @@ def write_mask(mask: dict, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(mask, f, indent=2)
+    os.chmod(tmp, 0o644)  # a release file (mkstemp makes it owner-only)
     os.replace(tmp, path)
 
 

@@ -1,6 +1,7 @@
 """The embedded default model: a small Stable Diffusion pipeline built offline from seeded configs.
 
     python -m dp_sapf.tiny_pipeline --output_dir runs/tiny-sd [--seed 0]
+    python -m dp_sapf.tiny_pipeline --output_dir runs/sd15-random --architecture sd15   # benchmarks only
 
 It is an ordinary diffusers folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json) that
 `StableDiffusionPipeline.from_pretrained` loads exactly as it loads SD-v1.5; only the sizes differ
@@ -67,11 +68,38 @@ def clip_tokenizer_files(directory: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
-def build_components(seed: int = 0) -> dict:
-    """The pipeline's parts from seeded configs, shaped like diffusers' `get_dummy_components` (32-px images)."""
+# Stable Diffusion v1.5's architectures (random weights: the cost of the real model, for benchmarks, no download)
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 projection_dim=768, hidden_act="quick_gelu")
+ARCHITECTURES = ("tiny", "sd15")
+
+
+def build_components(seed: int = 0, architecture: str = "tiny") -> dict:
+    """The pipeline's parts from seeded configs: `tiny` is shaped like diffusers' `get_dummy_components`
+    (32-px images, the embedded default); `sd15` is SD-v1.5's architecture at random init (benchmarks)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}.")
+    # SD-v1.5's inference scheduler, for both
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False, prediction_type="epsilon")
+    text = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS,
+                pad_token_id=CLIP_EOS)
+    if architecture == "sd15":
+        torch.manual_seed(seed)
+        return {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**text, **SD15_TEXT)), "scheduler": scheduler}
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
@@ -84,17 +112,12 @@ def build_components(seed: int = 0) -> dict:
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         layers_per_block=1, norm_num_groups=32)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS,
-        pad_token_id=CLIP_EOS, projection_dim=32))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
-                              set_alpha_to_one=False, prediction_type="epsilon")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, projection_dim=32))
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def build_tiny_pipeline(output_dir: str, seed: int = 0) -> str:
+def build_tiny_pipeline(output_dir: str, seed: int = 0, architecture: str = "tiny") -> str:
     """Write the complete pipeline folder (atomically: a half-built folder never appears)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -105,7 +128,7 @@ def build_tiny_pipeline(output_dir: str, seed: int = 0) -> str:
         clip_tokenizer_files(os.path.join(tmp, "bpe"))
         # from_pretrained on vocab.json + merges.txt: the one constructor that works in transformers 4 and 5
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tmp, "bpe"), model_max_length=77)
-        pipe = StableDiffusionPipeline(**build_components(seed), tokenizer=tokenizer, safety_checker=None,
+        pipe = StableDiffusionPipeline(**build_components(seed, architecture), tokenizer=tokenizer, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         staged = os.path.join(tmp, "pipeline")
         pipe.save_pretrained(staged)
@@ -118,8 +141,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="Folder to write the pipeline into (replaced if it exists).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="tiny",
+                        help="tiny: the embedded default's architecture; sd15: SD-v1.5's (random weights, ~4 GB; "
+                             "for benchmarks of the real scripts at full scale).")
     args = parser.parse_args(argv)
-    build_tiny_pipeline(args.output_dir, args.seed)
+    build_tiny_pipeline(args.output_dir, args.seed, args.architecture)
     print(f"Wrote a Stable Diffusion pipeline to {args.output_dir}")
 
 

@@ -204,3 +204,55 @@ def test_no_sample_moves_the_sum_by_more_than_c_on_real_gradients(lora_parts, se
         clipper.add({p: g[i:i + 1] for p, g in grads.items()})
         moved = torch.sqrt(sum((s ** 2).sum() for s in clipper.sums))
         assert moved <= c * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("engine", ["hooks", "probes"])
+def test_padded_micro_batches_give_the_unpadded_step(lora_parts, engine):
+    """--compile pads every micro-batch to one shape: the padding rows change neither the clipped sum, nor the
+    sample count, nor the noise."""
+    from dp_sapf import data
+
+    parts, params = lora_parts
+    g = torch.Generator().manual_seed(0)
+    n = 7
+    mean = torch.randn(n, 1, 4, 8, 8, generator=g)
+    cache = data.LatentCache(mean, torch.full_like(mean, 0.1), torch.randint(0, 3, (n,), generator=g),
+                             torch.arange(n), 1.0)
+    embeds = torch.randn(3, 77, parts.unet.config.cross_attention_dim, generator=g)
+    probes_or_hooks, model = per_sample.make_engine(engine, parts.unet, params, compile=engine == "probes",
+                                                    mixed_precision="no", max_batch_size=4)
+    step = StepGradients(modeling.diffusion_loss_fn(model, parts.noise_scheduler), params, private=True,
+                         max_grad_norm=0.05, engine=probes_or_hooks)
+    grads = []
+    for pad in (None, 4):
+        batches = data.micro_batches(cache, embeds, torch.arange(n), rank=0, world_size=1, micro_batch_size=4,
+                                     num_train_timesteps=1000, secret_seed=1, stream=("train", 0), device="cpu",
+                                     pad_to=pad)
+        step(batches, noise_multiplier=1.0, noise_generator=seeded_generator(2, "noise"), expected_batch_size=7,
+             realised_batch_size=n)
+        assert step.clipped.num_samples == n
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-7), (a - b).abs().max()
+
+
+def test_factored_per_sample_gradients_clip_like_materialised_ones():
+    """LinearFactors (ghost norms): same norms, same clipped sum, a non-finite sample contributes zero, and each
+    sample moves the sum by at most C."""
+    g = torch.Generator().manual_seed(0)
+    x, grad_out = torch.randn(5, 7, 6, generator=g), torch.randn(5, 7, 4, generator=g) * 3
+    grad_out[2, 0, 0] = float("nan")
+    param = torch.zeros(4, 6)
+    factored = per_sample.LinearFactors(x, grad_out)
+    assert torch.allclose(factored.materialise(), torch.einsum("bto,bti->boi", grad_out, x), equal_nan=True)
+    sums = []
+    for grads in (factored, factored.materialise()):
+        clipper = ClippedGradientSum([param], max_grad_norm=1.0)
+        norms = clipper.add({param: grads})
+        sums.append(clipper.sums[0])
+        assert torch.isnan(norms[2])
+    assert torch.allclose(sums[0], sums[1], rtol=1e-5, atol=1e-6)
+    for i in range(5):
+        one = ClippedGradientSum([param], max_grad_norm=1.0)
+        one.add({param: per_sample.LinearFactors(x[i:i + 1], grad_out[i:i + 1])})
+        assert one.sums[0].norm() <= 1.0 + 1e-5

@@ -260,3 +260,18 @@ def test_selection_sums_match_batch1_loop_for_every_pool(parts, pool):
     assert clipped.num_samples == 5
     for name, s in zip(modules, clipped.sums):
         assert float(s.norm() / 5) == pytest.approx(want[name], rel=1e-3, abs=1e-9), name
+
+
+@pytest.mark.parametrize("pool", ["attention_qkv", "all_linear"])
+def test_ghost_norms_give_the_materialised_sums(parts, pool):
+    """Factored per-sample gradients (ghost norms + one weighted matmul) release the same query."""
+    modules = saliency.candidate_modules(parts.unet, pool)
+    batches = _batches(parts, [3, 2], seed=5)
+    results = {}
+    for ghost in ("never", "always", "auto"):
+        results[ghost] = saliency.clipped_gradient_sums(selection_loss(parts), modules, batches, max_grad_norm=0.05,
+                                                        track_squared_norms=True, ghost=ghost)
+    for ghost in ("always", "auto"):
+        for a, b in zip(results["never"].sums, results[ghost].sums):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
+        assert torch.allclose(results["never"].squared_norm_sums, results[ghost].squared_norm_sums, rtol=1e-4)

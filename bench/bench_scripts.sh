@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Benchmark what a user runs: the real scripts through `accelerate launch`, next to bench_step.py's rows for the
+# same UNet, batch and precision, measured in one run. Each script records its own timings (run_status.json,
+# <mask>.timings.json, the synthetic folder's timings.json); bench/scripts_report.py turns them into a table in
+# docs/benchmarks.md with the script/benchmark ratios and the paper recipe projected from script-level figures.
+#
+#   bash bench/bench_scripts.sh                        # GPU: SD-v1.5's architecture (random weights), 256 px, bf16
+#   ARCH=tiny RES=32 N=200 B=100 PHYS=50 STEPS=4 MP=no bash bench/bench_scripts.sh runs/bench_tiny   # CPU smoke run
+#
+# Settings (environment): ARCH sd15|tiny, RES resolution, N images, B expected batch, PHYS micro-batch,
+# STEPS logical steps per training row, MP mixed precision, SAMPLES images sampled, MARKDOWN output file.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ARCH=${ARCH:-sd15}; RES=${RES:-256}; N=${N:-2000}; B=${B:-1024}; PHYS=${PHYS:-64}; STEPS=${STEPS:-8}
+MP=${MP:-bf16}; SAMPLES=${SAMPLES:-512}; MARKDOWN=${MARKDOWN:-docs/benchmarks.md}
+OUT=${1:-runs/bench_scripts_$ARCH}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD
+PY=${PYTHON:-python3}
+LAUNCH="$PY -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision $MP --dynamo_backend no"
+mkdir -p "$OUT"
+[ -f "$OUT/model/model_index.json" ] || $PY -m dp_sapf.tiny_pipeline --architecture "$ARCH" --output_dir "$OUT/model"
+[ -f "$OUT/data/dataset_info.json" ] || $PY -m dp_sapf.prepare_data --name fashion_mnist --output_dir "$OUT/data" \
+  --max_per_class $((N / 10)) --test_max_per_class 1
+COMMON=(--pretrained_model_name_or_path "$OUT/model" --train_data_dir "$OUT/data" --resolution "$RES"
+        --class_prompts fashion_mnist --mixed_precision "$MP")
+
+echo "== select_salient.py"
+$LAUNCH select_salient.py "${COMMON[@]}" --selection_batch_size "$PHYS" --output "$OUT/mask.json"
+for variant in nodp dp nodp_compile dp_compile; do
+  echo "== train_dp_sapf.py ($variant)"
+  flags=(--saliency_mask "$OUT/mask.json")
+  case $variant in nodp*) flags+=(--no_dp) ;; *) flags+=(--noise_multiplier 1.0) ;; esac
+  case $variant in *compile) flags+=(--compile) ;; esac
+  rm -rf "$OUT/train_$variant"
+  $LAUNCH train_dp_sapf.py "${COMMON[@]}" "${flags[@]}" --train_batch_size "$B" --max_physical_batch_size "$PHYS" \
+    --max_train_steps "$STEPS" --checkpointing_steps 1000000 --validation_inference_steps 2 --report_to none \
+    --output_dir "$OUT/train_$variant"
+done
+echo "== sample.py"
+rm -rf "$OUT/synthetic"
+$LAUNCH sample.py --pretrained_model_name_or_path "$OUT/model" --lora_path "$OUT/train_dp" --num_images "$SAMPLES" \
+  --batch_size "$PHYS" --num_inference_steps 10 --resolution "$RES" --mixed_precision "$MP" --output_dir "$OUT/synthetic"
+echo "== bench_step.py (same UNet, batch, precision)"
+latent=$((RES / 8)); [ "$ARCH" = tiny ] && latent=$((RES / 4))
+$LAUNCH bench/bench_step.py --model "$ARCH" --pretrained_model_name_or_path "$OUT/model" --batch_size "$PHYS" \
+  --latent_size "$latent" --mixed_precision "$MP" --compile --output_json "$OUT/bench_step.json" --markdown ""
+$PY bench/scripts_report.py "$OUT" --markdown "$MARKDOWN"
