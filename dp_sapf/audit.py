@@ -138,10 +138,10 @@ def injected_bug(kind: str = "none"):
     Clipped = per_sample.ClippedGradientSum
     real_add, real_noisy, real_draws = Clipped.add, Clipped.noisy_sums, data.diffusion_draws
     if kind == "no_clipping":
-        def add_without_clipping(self, grad_samples):
+        def add_without_clipping(self, grad_samples, count=None):
             saved, self.max_grad_norm = self.max_grad_norm, 1e12
             try:
-                return real_add(self, grad_samples)
+                return real_add(self, grad_samples, count)
             finally:
                 self.max_grad_norm = saved
 
