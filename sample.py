@@ -37,7 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps.")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--resolution", type=int, default=None,
-                   help="Sampling resolution (default: the training run's --resolution, else 512).")
+                   help="Sampling resolution (default: the training run's --resolution, else the model's own: the "
+                        "UNet's sample_size times the VAE's scale factor, e.g. 512 for SD-v1.5, 32 for the embedded "
+                        "default).")
     p.add_argument("--output_resolution", type=int, default=None,
                    help="Resize saved images to this size (LANCZOS), e.g. 32 for CIFAR-like data sampled at 256.")
     p.add_argument("--batch_size", type=int, default=16, help="Images per pipeline call on each process.")
@@ -82,13 +84,14 @@ def main(argv=None):
     args = parse_args(argv)
     report = run_folder.read_training_report(args.lora_path, args.pretrained_model_name_or_path)
     names, prompts = classes_and_prompts(args, report)
-    resolution = args.resolution or (report or {}).get("resolution") or 512
     counts = image_counts(args, len(names))
     accelerator = distributed.make_accelerator(args)
     dtype = modeling.weight_dtype_for(accelerator.mixed_precision)
     pipe = modeling.load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                  lora_path=args.lora_path, lora_scale=args.lora_scale, torch_dtype=dtype)
+                                  lora_path=args.lora_path, lora_scale=args.lora_scale, dtype=dtype)
     pipe.to(accelerator.device)
+    resolution = (args.resolution or (report or {}).get("resolution")
+                  or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     if args.compile:
         if args.lora_path:
             pipe.fuse_lora()  # at the scale set above; one plain weight per layer: no adapter branches to trace

@@ -136,7 +136,7 @@ def render_validation(args, parts, prompts, accelerator, step, weight_dtype):
     pipe = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(parts.unet), vae=parts.vae,
         text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, safety_checker=None, requires_safety_checker=False,
-        revision=args.revision, variant=args.variant, torch_dtype=weight_dtype)
+        revision=args.revision, variant=args.variant, dtype=weight_dtype)
     pipe.set_progress_bar_config(disable=True)
     prompts = [args.validation_prompt] if args.validation_prompt else prompts
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)

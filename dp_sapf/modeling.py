@@ -172,12 +172,12 @@ def save_lora(unet, output_dir: str) -> str:
 
 
 def load_pipeline(path: str, *, revision: str | None = None, variant: str | None = None,
-                  lora_path: str | None = None, lora_scale: float = 1.0, torch_dtype=torch.float32):
+                  lora_path: str | None = None, lora_scale: float = 1.0, dtype=torch.float32):
     """A StableDiffusionPipeline with the DP LoRA loaded through `load_lora_weights` (or a fully trained folder)."""
     from diffusers import StableDiffusionPipeline
 
     check_model_path(path)
-    pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+    pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, dtype=dtype,
                                                    safety_checker=None, requires_safety_checker=False)
     if lora_path:
         pipe.load_lora_weights(lora_path)

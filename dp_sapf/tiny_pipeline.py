@@ -101,10 +101,12 @@ def build_components(seed: int = 0, architecture: str = "tiny") -> dict:
         return {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
                 "text_encoder": CLIPTextModel(CLIPTextConfig(**text, **SD15_TEXT)), "scheduler": scheduler}
     torch.manual_seed(seed)
+    # cross-attention at both resolutions, as SD-v1.5 has it at its three upper levels: LoRA on attention can then
+    # shape the full 8x8 latent, not only its 4x4 summary (without it DP-SAPF cannot move the public model far)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=32)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
@@ -117,24 +119,41 @@ def build_components(seed: int = 0, architecture: str = "tiny") -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def build_tiny_pipeline(output_dir: str, seed: int = 0, architecture: str = "tiny") -> str:
-    """Write the complete pipeline folder (atomically: a half-built folder never appears)."""
-    from diffusers import StableDiffusionPipeline
+def clip_tokenizer():
+    """The real CLIP tokenizer (49408 entries), built offline from open_clip's vocabulary file."""
     from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_tokenizer_files(os.path.join(tmp, "bpe"))
+        # from_pretrained on vocab.json + merges.txt: the one constructor that works in transformers 4 and 5
+        return CLIPTokenizer.from_pretrained(os.path.join(tmp, "bpe"), model_max_length=77)
+
+
+def save_pipeline(components: dict, output_dir: str, extra_files: dict[str, str] | None = None) -> str:
+    """Write a StableDiffusionPipeline of `components` (+ the CLIP tokenizer) in fp32 safetensors, with
+    `extra_files` (name -> text), atomically: a half-written folder never appears under `output_dir`.
+
+    fp32, not fp16: under transformers 5 `from_pretrained` would load an fp16 text encoder as fp16."""
+    from diffusers import StableDiffusionPipeline
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
+    pipe = StableDiffusionPipeline(**components, tokenizer=clip_tokenizer(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
-        clip_tokenizer_files(os.path.join(tmp, "bpe"))
-        # from_pretrained on vocab.json + merges.txt: the one constructor that works in transformers 4 and 5
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(tmp, "bpe"), model_max_length=77)
-        pipe = StableDiffusionPipeline(**build_components(seed, architecture), tokenizer=tokenizer, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
         staged = os.path.join(tmp, "pipeline")
-        pipe.save_pretrained(staged)
+        pipe.save_pretrained(staged, safe_serialization=True)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(staged, name), "w") as f:
+                f.write(text)
         shutil.rmtree(output_dir, ignore_errors=True)
         os.replace(staged, output_dir)
     return output_dir
+
+
+def build_tiny_pipeline(output_dir: str, seed: int = 0, architecture: str = "tiny") -> str:
+    """Write the complete pipeline folder, weights from seeded configs."""
+    return save_pipeline(build_components(seed, architecture), output_dir)
 
 
 def main(argv=None):

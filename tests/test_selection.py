@@ -113,7 +113,7 @@ def test_random_scorer_reads_no_data(parts):
                                      noise_multiplier=5,
                                      max_grad_norm=1, ratio=0.5, granularity="matrix",
                                      noise_generator=seeded_generator(3, "t"))
-    assert len(result.target_modules) == 18 and result.num_samples == 0
+    assert len(result.target_modules) == 33 and result.num_samples == 0  # ⌈0.5 · 66⌉
 
 
 def _select(args):
@@ -128,7 +128,7 @@ def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp
     res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, out) + ["--dp_seed", "1"])
     assert res.returncode == 0, res.stderr
     mask = saliency.read_mask(out)
-    assert mask["num_selected"] == 11 and len(mask["target_modules"]) == 11
+    assert mask["num_selected"] == 20 and len(mask["target_modules"]) == 20  # ⌈0.3 · 66⌉
     assert mask["privacy"]["noise_multiplier"] == 5.0 and mask["privacy"]["dataset_size"] == 40
     prompts = dict(zip(mask["class_names"], mask["class_prompts"]))
     assert prompts["t_shirt_top"] == "An image of a t-shirt/top" and prompts["ankle_boot"] == "An image of an ankle boot"
