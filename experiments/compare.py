@@ -1,0 +1,318 @@
+#!/usr/bin/env python
+"""The paper's comparison on the embedded public model: DP-SAPF against its baselines and ablations.
+
+    python experiments/compare.py run              # every run, resumable: a run whose folder says complete is skipped
+    python experiments/compare.py report           # docs/results.md from results/*.json
+    python experiments/compare.py run --quick      # the whole pipeline on a few hundred images, CPU minutes
+
+Public model (default models/tiny-sd-mnist5k, pretrained on MNIST-5k only) -> Fashion-MNIST as the sensitive
+set (60k train, 10k test, `--class_prompts fashion_mnist`), δ = 1/N. Every method goes through the real scripts,
+select_salient.py -> train_dp_sapf.py -> sample.py -> evaluate.py, each run in its own folder under --work_dir;
+a finished run writes its small JSON record to --results_dir. Methods:
+
+  no_finetune       the public model as is (no data, no privacy cost)
+  nonprivate_lora   LoRA on all attention, no DP (the non-private reference)
+  dp_sapf           DP selection (ρ) + DP-SGD on LoRA of the selected matrices (the method)
+  dp_lora           DP-SGD on LoRA of all attention matrices, no selection
+  random_selection  a random ρ mask (data-independent, free) + DP-SGD on its LoRA
+  layer_selection   DP selection of whole attention layers + DP-SGD
+  wo_lora           DP selection + DP-SGD on the selected matrices themselves (the paper's "w/o LoRA")
+  dp_finetune       DP-SGD on every UNet parameter (opacus, fp32)
+
+at each ε of --epsilons; dp_sapf and dp_lora with every seed of --seeds, the others with the first; plus a ρ sweep
+of dp_sapf at the largest ε. Hyperparameters are the same for all DP methods (B, T, C, lr; see `settings`) and
+were chosen without looking at Fashion-MNIST test results (docs/results.md says how).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+METHODS = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
+           "dp_finetune")
+MULTI_SEED = ("dp_sapf", "dp_lora")
+PRIVACY_FREE = ("no_finetune", "nonprivate_lora")  # one run each, whatever the ε
+SELECTION = {"dp_sapf": [], "random_selection": ["--scorer", "random"], "layer_selection": ["--granularity", "layer"],
+             "wo_lora": []}
+TRAINING = {"nonprivate_lora": ["--lora_target", "all_attention", "--no_dp"], "dp_sapf": [],
+            "dp_lora": ["--lora_target", "all_attention"], "random_selection": [], "layer_selection": [],
+            "wo_lora": ["--train_mode", "direct"],
+            "dp_finetune": ["--train_mode", "full", "--lora_target", "all_attention", "--mixed_precision", "no"]}
+COMPLETE = "complete"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "report", "plan"],
+                   help="run: execute (resumable); report: write the results page; plan: list the runs.")
+    p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-mnist5k"),
+                   help="The public pipeline every method starts from.")
+    p.add_argument("--data_dir", default=None,
+                   help="Fashion-MNIST as an imagefolder (default: <work_dir>/data, prepared from Debian's package).")
+    p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "compare"), help="Run folders (large, not committed).")
+    p.add_argument("--results_dir", default=os.path.join(REPO, "results"), help="Per-run JSON records (small, committed).")
+    p.add_argument("--results_md", default=os.path.join(REPO, "docs", "results.md"), help="The report page.")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="Methods to run.")
+    p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 10.0], help="Target ε of the private methods.")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Seeds of dp_sapf and dp_lora (others: the first).")
+    p.add_argument("--rho_sweep", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.7],
+                   help="ρ values of the dp_sapf sweep at the largest ε (empty: no sweep).")
+    p.add_argument("--select_ratio", type=float, default=0.3, help="ρ of the main runs.")
+    p.add_argument("--max_per_class", type=int, default=None, help="Fashion-MNIST train images per class (default all).")
+    p.add_argument("--test_max_per_class", type=int, default=None, help="Test images per class (default all).")
+    p.add_argument("--train_batch_size", type=int, default=4096, help="Expected logical batch B (paper 4096).")
+    p.add_argument("--max_physical_batch_size", type=int, default=1024, help="Micro-batch size (memory only).")
+    p.add_argument("--max_train_steps", type=int, default=1000, help="DP-SGD steps T (paper 1000).")
+    p.add_argument("--learning_rate", type=float, default=5e-3, help="AdamW learning rate of every trained method.")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    p.add_argument("--num_synthetic", type=int, default=10000, help="Synthetic images per run (balanced over classes).")
+    p.add_argument("--sampling_steps", type=int, default=25, help="Denoising steps of sample.py.")
+    p.add_argument("--guidance_scale", type=float, default=3.0, help="Guidance scale of sample.py.")
+    p.add_argument("--sample_batch_size", type=int, default=500, help="sample.py --batch_size.")
+    p.add_argument("--classifier", choices=["wrn", "resnet", "all"], default="all", help="evaluate.py --classifier.")
+    p.add_argument("--classifier_epochs", type=int, default=50, help="evaluate.py --epochs.")
+    p.add_argument("--classifier_depth", type=int, default=None, help="evaluate.py --classifier_depth (default WRN-28 / ResNet-164).")
+    p.add_argument("--classifier_width", type=int, default=None, help="evaluate.py --classifier_width (default 10).")
+    p.add_argument("--fid_max_real", type=int, default=None,
+                   help="evaluate.py --fid_max_real: FID against a seeded random subset of the real train set.")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="For the scripts (default: bf16 on a GPU, no on a CPU).")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="Runs executed at once (tiny models are launch-bound on a GPU: several share it well).")
+    p.add_argument("--max_runs", type=int, default=None,
+                   help="Stop after starting this many unfinished runs (to fit a time slot; the next call continues).")
+    p.add_argument("--quick", action="store_true",
+                   help="The whole pipeline in CPU minutes: 30 train / 10 test images per class, B 100, T 8, 30 "
+                        "synthetic images, tiny classifiers, dp_sapf / dp_lora / no_finetune at ε = 10, one seed.")
+    args = p.parse_args(argv)
+    if args.quick:
+        quick = dict(max_per_class=30, test_max_per_class=10, train_batch_size=100, max_physical_batch_size=100,
+                     max_train_steps=8, num_synthetic=30, sampling_steps=5, sample_batch_size=30, classifier="wrn",
+                     classifier_epochs=1, classifier_depth=10, classifier_width=1, epsilons=[10.0], seeds=[0],
+                     rho_sweep=[], methods=[m for m in args.methods if m in ("no_finetune", "dp_sapf", "dp_lora")])
+        for key, value in quick.items():
+            setattr(args, key, value)
+    args.data_dir = args.data_dir or os.path.join(args.work_dir, "data")
+    if args.mixed_precision is None:
+        import torch
+
+        args.mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    return args
+
+
+def plan(args) -> list[dict]:
+    """Every run of the comparison: name, method, ε (None: privacy-free), seed, ρ."""
+    runs = []
+    top = max(args.epsilons)
+    for method in args.methods:
+        if method in PRIVACY_FREE:
+            runs.append({"method": method, "epsilon": None, "seed": args.seeds[0], "rho": None})
+            continue
+        for eps in args.epsilons:
+            for seed in (args.seeds if method in MULTI_SEED else args.seeds[:1]):
+                rho = args.select_ratio if method in SELECTION else None
+                runs.append({"method": method, "epsilon": eps, "seed": seed, "rho": rho})
+    if "dp_sapf" in args.methods:
+        for rho in args.rho_sweep:
+            if rho != args.select_ratio:
+                runs.append({"method": "dp_sapf", "epsilon": top, "seed": args.seeds[0], "rho": rho})
+    for run in runs:
+        parts = [run["method"]] + ([f"rho{run['rho']:g}"] if run["rho"] not in (None, args.select_ratio) else []) + \
+                ([f"eps{run['epsilon']:g}"] if run["epsilon"] is not None else []) + [f"seed{run['seed']}"]
+        run["name"] = "_".join(parts)
+    return runs
+
+
+def script(name: str, *args) -> list[str]:
+    return [sys.executable, os.path.join(REPO, name), *map(str, args)]
+
+
+def call(cmd: list[str], log_path: str) -> float:
+    """Run one script, its output appended to the run's log; returns the wall time; raises on failure."""
+    start = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        env = dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[1]} failed (exit {done.returncode}); see {log_path}")
+    return time.time() - start
+
+
+def execute(run: dict, args) -> dict:
+    """select -> train -> sample -> evaluate for one run, each stage skipped when its output is already there."""
+    from dp_sapf import run_folder
+
+    folder = os.path.join(args.work_dir, run["name"])
+    os.makedirs(folder, exist_ok=True)
+    log = os.path.join(folder, "log.txt")
+    wall = {}
+    common = ["--pretrained_model_name_or_path", args.public_model, "--train_data_dir", args.data_dir,
+              "--resolution", 32, "--class_prompts", "fashion_mnist", "--seed", run["seed"]]
+    mask = os.path.join(folder, "mask.json")
+    method = run["method"]
+    if method in SELECTION and not os.path.isfile(mask):
+        wall["select"] = call(script("select_salient.py", *common, "--select_ratio", run["rho"],
+                                     "--selection_batch_size", args.max_physical_batch_size,
+                                     "--mixed_precision", args.mixed_precision, "--output", mask,
+                                     *SELECTION[method]), log)
+    model_dir = os.path.join(folder, "model")
+    if method != "no_finetune" and run_folder.read_status(model_dir) != COMPLETE:
+        privacy = [] if run["epsilon"] is None else ["--target_epsilon", run["epsilon"]]
+        uses_mask = ["--saliency_mask", mask] if method in SELECTION else []
+        steps = args.max_train_steps
+        wall["train"] = call(script(
+            "train_dp_sapf.py", *common, *uses_mask, *TRAINING[method], *privacy,
+            "--train_batch_size", args.train_batch_size, "--max_physical_batch_size", args.max_physical_batch_size,
+            "--max_train_steps", steps, "--learning_rate", args.learning_rate, "--rank", args.rank,
+            "--checkpointing_steps", max(1, steps // 5), "--checkpoints_total_limit", 1,
+            "--resume_from_checkpoint", "latest", "--validation_inference_steps", args.sampling_steps,
+            "--report_to", "none", "--output_dir", model_dir,
+            *(["--mixed_precision", args.mixed_precision] if method != "dp_finetune" else [])), log)
+    synthetic = os.path.join(folder, "synthetic")
+    if not os.path.isfile(os.path.join(synthetic, "metadata.jsonl")):
+        source = (["--pretrained_model_name_or_path", model_dir] if method in ("wo_lora", "dp_finetune") else
+                  ["--pretrained_model_name_or_path", args.public_model] +
+                  ([] if method == "no_finetune" else ["--lora_path", model_dir]))
+        wall["sample"] = call(script(
+            "sample.py", *source, "--class_prompts", "fashion_mnist", "--num_images", args.num_synthetic,
+            "--num_inference_steps", args.sampling_steps, "--guidance_scale", args.guidance_scale,
+            "--resolution", 32, "--output_resolution", 28, "--batch_size", args.sample_batch_size,
+            "--seed", run["seed"], "--mixed_precision", args.mixed_precision, "--output_dir", synthetic), log)
+    metrics_path = os.path.join(folder, "eval", "metrics.json")
+    if not os.path.isfile(metrics_path):
+        wall["evaluate"] = call(script(
+            "evaluate.py", "--synthetic_dir", synthetic, "--train_data_dir", args.data_dir,
+            "--class_prompts", "fashion_mnist", "--classifier", args.classifier, "--epochs", args.classifier_epochs,
+            *(["--classifier_depth", args.classifier_depth] if args.classifier_depth else []),
+            *(["--classifier_width", args.classifier_width] if args.classifier_width else []),
+            *(["--fid_max_real", args.fid_max_real] if args.fid_max_real else []),
+            "--seed", run["seed"], "--cache_dir", os.path.join(args.work_dir, "fid_cache"),
+            "--output_dir", os.path.join(folder, "eval")), log)
+    return record(run, folder, wall, args)
+
+
+def record(run: dict, folder: str, wall: dict, args) -> dict:
+    """The run's small JSON record (results_dir/<name>.json), then the folder's 'complete' marker."""
+    from dp_sapf import run_folder
+
+    metrics = json.load(open(os.path.join(folder, "eval", "metrics.json")))
+    report_path = os.path.join(folder, "model", run_folder.REPORT_FILE)
+    report = json.load(open(report_path)) if os.path.isfile(report_path) else None
+    mask_path = os.path.join(folder, "mask.json")
+    mask = json.load(open(mask_path)) if os.path.isfile(mask_path) else None
+    previous = os.path.join(args.results_dir, f"{run['name']}.json")
+    if os.path.isfile(previous):  # a resumed run keeps the wall times of its earlier stages
+        wall = {**json.load(open(previous)).get("wall_time_s", {}), **wall}
+    out = {
+        **run,
+        "epsilon_achieved": None if report is None else report["epsilon"],
+        "private": None if report is None else report["private"],
+        "delta": None if report is None else report["delta"],
+        "noise_multiplier": None if report is None else report["noise_multiplier"],
+        "budget_split": None if report is None else report.get("budget_split"),
+        "selected_matrices": None if mask is None else mask["target_modules"],
+        "num_candidates": None if mask is None else len(mask["candidates"]),
+        "metrics": {k: v for k, v in metrics.items() if k.startswith(("fid", "accuracy", "real_reference"))},
+        "num_synthetic": metrics.get("num_synthetic"), "num_real_train": metrics.get("num_real_train"),
+        "settings": settings(args), "wall_time_s": wall, "device": device_name(),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(previous, "w") as f:
+        json.dump(out, f, indent=2)
+    preview = os.path.join(folder, "synthetic", "preview.png")
+    if os.path.isfile(preview):
+        grids = os.path.join(args.results_dir, "grids")
+        os.makedirs(grids, exist_ok=True)
+        shutil.copyfile(preview, os.path.join(grids, f"{run['name']}.png"))
+    with open(os.path.join(folder, COMPLETE), "w") as f:
+        f.write(out["finished"] + "\n")
+    return out
+
+
+HOW_CHOSEN = ("the same for every method and fixed before any comparison run: AdamW lr 5e-3 (a round value between "
+              "the quick start's 1e-2 and the official code's 5e-4, not tuned), guidance 3 and 25 PNDM steps (the setting "
+              "the public model was evaluated at on MNIST-5k), LoRA rank 4 and C = 1 (the paper's); B and T are the "
+              "paper's, or scaled down by the same factor for every method when the compute does not allow them; "
+              "nothing was changed after seeing Fashion-MNIST results.")
+
+
+def settings(args) -> dict:
+    out = {k: getattr(args, k) for k in ("train_batch_size", "max_train_steps", "learning_rate", "rank",
+                                          "num_synthetic", "sampling_steps", "guidance_scale", "classifier",
+                                          "classifier_epochs", "classifier_depth", "classifier_width",
+                                          "max_per_class", "fid_max_real", "mixed_precision", "quick")}
+    return {**out, "public_model": os.path.relpath(args.public_model, REPO), "how_chosen": HOW_CHOSEN}
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def prepare_data(args) -> None:
+    if os.path.isfile(os.path.join(args.data_dir, "dataset_info.json")):
+        return
+    from dp_sapf import prepare_data as prep
+
+    prep.prepare("fashion_mnist", args.data_dir, args.max_per_class, args.test_max_per_class)
+
+
+def run_all(args) -> list[dict]:
+    if not os.path.isfile(os.path.join(args.public_model, "model_index.json")):
+        raise SystemExit(f"error: {args.public_model} is not a diffusers pipeline (see experiments/pretrain_public.py).")
+    prepare_data(args)
+    runs = plan(args)
+    todo = [r for r in runs if not os.path.isfile(os.path.join(args.work_dir, r["name"], COMPLETE))]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} complete, {len(todo)} to do", flush=True)
+    if args.max_runs is not None:
+        todo = todo[:args.max_runs]
+    failures = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(execute, r, args): r for r in todo}
+        for future in concurrent.futures.as_completed(futures):
+            name = futures[future]["name"]
+            try:
+                out = future.result()
+                print(f"done {name}: " + json.dumps(out["metrics"]), flush=True)
+            except Exception as err:  # one failed run does not stop the others; it is retried next time
+                failures.append(name)
+                print(f"FAILED {name}: {err}", flush=True)
+    if failures:
+        raise SystemExit(f"error: {len(failures)} run(s) failed: {failures}")
+    return runs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "plan":
+        for run in plan(args):
+            print(run["name"])
+        return
+    if args.command == "run":
+        run_all(args)
+    from experiments import results_report
+
+    results_report.write(args.results_dir, args.results_md, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
