@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 from tqdm.auto import tqdm
@@ -57,8 +58,11 @@ def parse_args(argv=None):
     add_runtime_args(parser)
     args = parser.parse_args(argv)
     saliency.num_selected(args.select_ratio, 1)  # validates the ratio before any work
-    if args.selection_noise_multiplier < 0 or args.selection_max_grad_norm <= 0:
+    if not args.selection_noise_multiplier >= 0 or not args.selection_max_grad_norm > 0:
         parser.error("--selection_noise_multiplier must be >= 0 and --selection_max_grad_norm > 0.")
+    if args.selection_noise_multiplier == 0 and args.scorer != "random":
+        print("warning: --selection_noise_multiplier 0 releases exact scores: the mask is NOT private, and every "
+              "model trained on it reports epsilon = inf.", file=sys.stderr)
     if args.selection_batch_size < 1:
         parser.error("--selection_batch_size must be >= 1.")
     return args

@@ -9,10 +9,12 @@ from __future__ import annotations
 import fnmatch
 import os
 
-RELEASE_PATTERNS = ("pytorch_lora_weights.safetensors", "README.md", "privacy_report.json", "saliency_mask.json",
-                    "validation_grid.png", "model_index.json", "*/config.json", "*/*.safetensors", "*/*.json",
+from . import run_folder
+
+RELEASE_PATTERNS = (run_folder.WEIGHTS_FILE, "README.md", run_folder.REPORT_FILE, run_folder.MASK_FILE,
+                    run_folder.GRID_FILE, "model_index.json", "*/config.json", "*/*.safetensors", "*/*.json",
                     "*/*.txt")
-PRIVATE_PATTERNS = ("checkpoint-*", "logs", "logs/*", "run_status.json")
+PRIVATE_PATTERNS = (run_folder.CHECKPOINT_PREFIX + "*", "logs", "logs/*", run_folder.STATUS_FILE)
 
 
 def release_files(output_dir: str) -> list[str]:
@@ -37,11 +39,12 @@ def _privacy_section(report: dict, class_prompts: list[str]) -> str:
     trained = (f"Trainable matrices: {mask.get('num_selected', 'see privacy_report.json')} "
                f"({report.get('train_mode')}, {report.get('lora_target')}). Dataset size N = {report['dataset_size']}.")
     if not report["private"]:
-        return ("**This model is NOT differentially private.** It was trained without clipping or noise "
-                "(`--no_dp` / `--target_epsilon inf`): the weights, and anything generated from them, can reveal "
-                "the training images. It is a non-private reference, not a privacy-preserving release."
-                + (" The saliency mask it used was selected with noise, but that does not protect the weights."
-                   if report.get("selection_noise_multiplier") else "") + f"\n\n{trained}\n")
+        why = ("it was trained without clipping or noise (`--no_dp` / `--target_epsilon inf`)"
+               if not report["noise_multiplier"] else
+               "its saliency mask was selected without noise (σ_s = 0), which voids the guarantee of the whole release")
+        return (f"**This model is NOT differentially private:** {why}. The weights, and anything generated from "
+                "them, can reveal the training images. It is a non-private reference, not a privacy-preserving "
+                "release." + f"\n\n{trained}\n")
     return (
         f"Trained with differential privacy: **(ε = {report['epsilon']:.4g}, δ = {report['delta']:.3g})** for "
         f"add/remove of one training image, accountant `{report['accountant']}`, composed over the saliency "

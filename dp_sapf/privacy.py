@@ -249,7 +249,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
 class PrivacyLedger:
     """What a training run has spent and will spend; saved in checkpoints, checked on resume.
 
-    noise_multiplier 0 means a non-private run (--no_dp): ε = inf, reported as such everywhere.
+    noise_multiplier 0 means a non-private run (--no_dp): ε = inf, reported as such everywhere, as is a run
+    whose mask was selected without noise.
     """
 
     noise_multiplier: float
@@ -281,7 +282,9 @@ class PrivacyLedger:
 
     @property
     def private(self) -> bool:
-        return self.noise_multiplier > 0
+        """False for --no_dp, and for a mask selected without noise (σ_s = 0): either voids the guarantee."""
+        noiseless_selection = self.selection is not None and self.selection.noise_multiplier == 0
+        return self.noise_multiplier > 0 and not noiseless_selection
 
     def spent(self, steps: int | None = None) -> PrivacySpent:
         """ε of the selection and `steps` training steps (default: those done), with the split."""

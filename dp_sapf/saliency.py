@@ -197,7 +197,8 @@ def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, gra
         "class_names": class_names,
         "class_prompts": class_prompts,
         "privacy": {
-            "mechanism": "none (data-independent)" if data_independent else "gaussian",
+            "mechanism": "none (data-independent)" if data_independent else
+            "gaussian" if noise_multiplier > 0 else "none: NOT private (sigma_s = 0)",
             "noise_multiplier": None if data_independent else noise_multiplier,
             "max_grad_norm": None if data_independent else max_grad_norm,
             "dataset_size": dataset_size,

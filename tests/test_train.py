@@ -241,3 +241,22 @@ def test_poisson_batches_are_binomial():
     assert 0.7 * var < sizes.var() < 1.3 * var
     shares = [data.shard(torch.arange(10), r, 3) for r in range(3)]
     assert sorted(torch.cat(shares).tolist()) == list(range(10))
+
+
+def test_a_mask_selected_without_noise_voids_the_guarantee(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    """σ_s = 0 releases exact scores: whatever the training noise, the release is reported as not private."""
+    mask = json.load(open(mask_path))
+    mask["privacy"]["noise_multiplier"] = 0.0
+    exact = str(tmp_path / "exact_mask.json")
+    json.dump(mask, open(exact, "w"))
+    out = str(tmp_path / "run")
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, out, "--saliency_mask", exact,
+                                                    "--noise_multiplier", "1", "--max_train_steps", "1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "privacy_report.json")))
+    assert report["private"] is False and report["epsilon"] == float("inf")
+    card = open(os.path.join(out, "README.md")).read()
+    assert "NOT differentially private" in card and "selected without noise" in card
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, str(tmp_path / "r2"),
+                                                    "--saliency_mask", exact, "--target_epsilon", "8"))
+    assert res.returncode == 2 and "selection alone" in res.stderr
