@@ -38,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--classifier_lr", type=float, default=None, help="Override the optimizer's learning rate.")
     p.add_argument("--classifier_batch_size", type=int, default=128, help="Classifier batch size.")
     p.add_argument("--classifier_resolution", type=int, default=32, help="Classifier input size.")
+    p.add_argument("--no_classifier_flip", action="store_true",
+                   help="No horizontal flips when training the classifiers (for digits or text, a flip changes the "
+                        "class). Default: random crops and flips, as for CIFAR.")
     p.add_argument("--synthetic_val_fraction", type=float, default=0.1,
                    help="Synthetic images held out for model selection (no privacy cost).")
     p.add_argument("--select_on_real_val", action="store_true",
@@ -51,6 +54,9 @@ def parse_args(argv=None):
                         "and the classifiers). By default this is an error: sample at the sensitive data's size with "
                         "sample.py --output_resolution, as DPImageBench compares.")
     p.add_argument("--fid_batch_size", type=int, default=50, help="Images per Inception forward.")
+    p.add_argument("--fid_max_real", type=int, default=None,
+                   help="Measure FID against a fixed random subset of this many real images (default: all), the same "
+                        "for every run. Inception runs at ~4 images/s on a CPU: the quick start uses 500.")
     p.add_argument("--seed", type=int, default=0, help="Seed of splits and classifier training.")
     p.add_argument("--output_dir", default="eval", help="Where metrics.json, metrics.md and metrics.png go.")
     args = p.parse_args(argv)
@@ -144,10 +150,15 @@ def main(argv=None):
         syn_feats = metrics.inception_features(syn_images, model, args.fid_batch_size, desc="Inception (synthetic)")
         for split_name, split in [(args.real_split, train)] + ([(args.fid_test_split, data.load_labelled_images(
                 args, args.fid_test_split, class_names=names, min_classes=1))] if args.fid_test_split else []):
-            key = {"source": source, "config": args.dataset_config_name, "split": split_name, "n": len(split)}
-            feats = metrics.cached_features(key, lambda s=split: metrics.inception_features(
-                (s.image(i) for i in range(len(s))), model, args.fid_batch_size, desc=f"Inception (real {split_name})",
-                total=len(s)), args.cache_dir)
+            chosen = np.arange(len(split))
+            if args.fid_max_real is not None and args.fid_max_real < len(split):
+                # one fixed subset (seed 0), whatever --seed: FIDs of different runs stay comparable
+                chosen = np.sort(np.random.default_rng(0).choice(len(split), args.fid_max_real, replace=False))
+            key = {"source": source, "config": args.dataset_config_name, "split": split_name, "n": len(split),
+                   **({"subset": len(chosen)} if len(chosen) < len(split) else {})}
+            feats = metrics.cached_features(key, lambda s=split, c=chosen: metrics.inception_features(
+                (s.image(i) for i in c), model, args.fid_batch_size, desc=f"Inception (real {split_name})",
+                total=len(c)), args.cache_dir)
             result[f"fid_{split_name}"] = metrics.fid_from_features(syn_feats, feats)
 
     if not args.skip_accuracy:
@@ -164,7 +175,7 @@ def main(argv=None):
         archs = ["wrn", "resnet"] if args.classifier == "all" else [args.classifier]
         kw = dict(num_classes=len(train.class_names), epochs=args.epochs, optimizer=args.classifier_optimizer,
                   lr=args.classifier_lr, batch_size=args.classifier_batch_size, seed=args.seed,
-                  depth=args.classifier_depth, width=args.classifier_width)
+                  depth=args.classifier_depth, width=args.classifier_width, flip=not args.no_classifier_flip)
         for arch in archs:
             model, _ = metrics.train_classifier(x_syn[syn_fit], y_syn[syn_fit], x_sel, y_sel, arch=arch,
                                                 desc=f"{arch} on synthetic", **kw)

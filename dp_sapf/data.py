@@ -119,9 +119,13 @@ class LabelledImages:
 
 
 def _parse_list(text: str) -> list[str]:
+    """--class_names: 'a,b,c' or a JSON list."""
     text = text.strip()
     if text.startswith("["):
-        return [str(v) for v in json.loads(text)]
+        try:
+            return [str(v) for v in json.loads(text)]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--class_names {text!r} is not a JSON list: {err}") from None
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
@@ -292,24 +296,35 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip: bool, batch_size: int = 32,
+def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip: bool, batch_size: int = 64,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    show_progress: bool = True) -> LatentCache:
-    """Encode every image once (and its mirror image with --random_flip) into the VAE posterior."""
+    """Encode every image once (and its mirror image with --random_flip) into the VAE posterior.
+
+    The next batch is decoded and resized (PIL, on a worker thread) while the VAE encodes the current one.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     views = 2 if random_flip else 1
     means, stds, keys = [], [], []
     n = len(images)
-    for start in tqdm(range(0, n, batch_size), desc="Encoding latents", disable=not show_progress):
-        pixels = torch.stack([preprocess(images.image(i), resolution) for i in range(start, min(n, start + batch_size))])
-        keys += [image_key(p) for p in pixels]
-        batch = torch.cat([pixels, pixels.flip(-1)]) if random_flip else pixels
-        dist = vae.encode(batch.to(device, dtype)).latent_dist
-        mean = dist.mean.float().cpu().unflatten(0, (views, -1)).transpose(0, 1)
-        std = dist.std.float().cpu().unflatten(0, (views, -1)).transpose(0, 1)
-        means.append(mean)
-        stds.append(std)
+    starts = list(range(0, n, batch_size))
+
+    def pixels_of(start):
+        return torch.stack([preprocess(images.image(i), resolution) for i in range(start, min(n, start + batch_size))])
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(pixels_of, starts[0]) if starts else None
+        for k in tqdm(range(len(starts)), desc="Encoding latents", disable=not show_progress):
+            pixels = pending.result()
+            pending = pool.submit(pixels_of, starts[k + 1]) if k + 1 < len(starts) else None
+            keys += [image_key(p) for p in pixels]
+            batch = torch.cat([pixels, pixels.flip(-1)]) if random_flip else pixels
+            dist = vae.encode(batch.to(device, dtype)).latent_dist
+            means.append(dist.mean.float().cpu().unflatten(0, (views, -1)).transpose(0, 1))
+            stds.append(dist.std.float().cpu().unflatten(0, (views, -1)).transpose(0, 1))
     return LatentCache(torch.cat(means), torch.cat(stds), torch.as_tensor(images.labels),
                        torch.tensor(keys, dtype=torch.int64), float(vae.config.scaling_factor))
 

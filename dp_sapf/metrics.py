@@ -203,14 +203,15 @@ def images_to_tensor(images, resolution: int = 32) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 4-px-padded crops and horizontal flips."""
+def _augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random 4-px-padded crops and (unless flip is False) horizontal flips."""
     n, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dx, dy = torch.randint(0, 9, (2, n), generator=generator)
     out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
+    flips = torch.rand(n, generator=generator) < 0.5
+    if flip:
+        out[flips] = out[flips].flip(-1)
     return out
 
 
@@ -225,8 +226,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def train_classifier(x_train, y_train, x_val, y_val, *, arch: str, num_classes: int, epochs: int,
                      optimizer: str = "adam", lr: float | None = None, batch_size: int = 128, seed: int = 0,
-                     depth: int | None = None, width: int | None = None, desc: str = "classifier"):
-    """Train, keeping the weights with the best validation accuracy; returns (model, history)."""
+                     depth: int | None = None, width: int | None = None, desc: str = "classifier",
+                     flip: bool = True):
+    """Train, keeping the weights with the best validation accuracy; returns (model, history).
+
+    flip: horizontal flips in the augmentation (right for clothes and CIFAR, wrong for digits)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_classifier(arch, num_classes, depth, width)
@@ -246,7 +250,7 @@ def train_classifier(x_train, y_train, x_val, y_val, *, arch: str, num_classes: 
             idx = order[i:i + batch_size]
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
-            loss = F.cross_entropy(model(_augment(x_train[idx], generator)), y_train[idx])
+            loss = F.cross_entropy(model(_augment(x_train[idx], generator, flip)), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -19,8 +19,21 @@ once, from a generator seeded identically on every rank so that all ranks add th
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn as nn
+
+
+class PerSampleEngine(Protocol):
+    """What every engine offers the step loops (`accumulate_clipped`)."""
+
+    def __enter__(self): ...
+
+    def __exit__(self, *exc): ...
+
+    def pop(self, batch_size: int) -> dict[nn.Parameter, "torch.Tensor | LinearFactors"]:
+        """The per-sample gradients of the last backward, `batch_size` rows per tensor, then forget them."""
 
 
 class LinearFactors:
@@ -360,7 +373,8 @@ class ClippedGradientSum:
                                        dtype=torch.float32).to(s.device) for s in self.sums]
 
 
-def accumulate_clipped(loss_fn, batches, engine, clipped: "ClippedGradientSum", params=(), progress=None):
+def accumulate_clipped(loss_fn, batches, engine: PerSampleEngine, clipped: "ClippedGradientSum", params=(),
+                       progress=None):
     """The one loop over micro-batches: per-sample losses, backward of their sum, clipped add of each sample.
 
     `loss_fn(*batch)` returns one loss per sample (shape (B,)), never an average across samples, so each

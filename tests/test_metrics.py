@@ -118,6 +118,10 @@ def test_evaluate_end_to_end(fashion_data_dir, tmp_path):
     assert result["model_selection"] == "synthetic held-out"
     assert os.path.isfile(os.path.join(out, "metrics.md")) and os.path.isfile(os.path.join(out, "metrics.png"))
     assert any(name.startswith("inception-") for name in os.listdir(os.path.join(out, "cache")))  # real set cached
+    # FID against a fixed half of the real set: no longer the synthetic set itself
+    res = run_script("evaluate.py", eval_args(fashion_data_dir, synthetic, out, "--skip_accuracy", "--fid_max_real", "20"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.load(open(os.path.join(out, "metrics.json")))["fid_train"] > 1.0
 
 
 def test_evaluate_bad_inputs(fashion_data_dir, tmp_path):
