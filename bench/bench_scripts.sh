@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${ARCH:-sd15}; RES=${RES:-256}; N=${N:-2000}; B=${B:-1024}; PHYS=${PHYS:-64}; STEPS=${STEPS:-8}
-MP=${MP:-bf16}; SAMPLES=${SAMPLES:-512}; MARKDOWN=${MARKDOWN:-docs/benchmarks.md}
+MP=${MP:-bf16}; SAMPLES=${SAMPLES:-512}; MARKDOWN=${MARKDOWN-docs/benchmarks.md}  # MARKDOWN="" writes none
 OUT=${1:-runs/bench_scripts_$ARCH}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD
 PY=${PYTHON:-python3}

@@ -12,6 +12,11 @@ import argparse
 import datetime
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dp_sapf import run_folder  # noqa: E402
 
 
 def load(path):
@@ -22,9 +27,9 @@ def load(path):
 def rows(folder: str) -> tuple[list[tuple], dict, dict]:
     bench = load(os.path.join(folder, "bench_step.json"))
     b = {k: v["samples_per_s"] for k, v in bench["rows"].items()}
-    train = {v: load(os.path.join(folder, f"train_{v}", "run_status.json"))["timings"]
+    train = {v: load(os.path.join(folder, f"train_{v}", run_folder.STATUS_FILE))["timings"]
              for v in ("nodp", "dp", "nodp_compile", "dp_compile")
-             if os.path.isfile(os.path.join(folder, f"train_{v}", "run_status.json"))}
+             if os.path.isfile(os.path.join(folder, f"train_{v}", run_folder.STATUS_FILE))}
     select = load(os.path.join(folder, "mask.timings.json"))
     sampling = load(os.path.join(folder, "synthetic", "timings.json"))
     n = sum(load(os.path.join(folder, "data", "dataset_info.json"))["counts"]["train"].values())

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The README's main job: install, then select -> train -> sample -> evaluate on the embedded default
-# (offline tiny Stable Diffusion pipeline + 1,000 real Fashion-MNIST images), all on the CPU.
+# The README's main job: install, then select -> train -> sample -> evaluate on the embedded default (the
+# committed public model models/tiny-sd-mnist5k, pretrained on MNIST-5k only, + 1,000 real Fashion-MNIST images as
+# the sensitive set), all on the CPU; the public model alone is sampled and evaluated too, for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
 RUN=${RUN_DIR:-runs/quickstart}
-MODEL=${MODEL:-$RUN/tiny-sd}
+MODEL=${MODEL:-models/tiny-sd-mnist5k}
+if [ ! -f "$MODEL/model_index.json" ]; then
+  echo "error: $MODEL is not a diffusers pipeline (the public model ships with the repository; see experiments/pretrain_public.py)" >&2
+  exit 2
+fi
 mkdir -p "$RUN"
 start=$EPOCHREALTIME; last=$start; current=""; : > "$RUN/timings.tsv"
 stage() {  # print the stage banner and record the wall time of the one that just ended
@@ -16,37 +21,42 @@ stage() {  # print the stage banner and record the wall time of the one that jus
   current=$1; last=$now
   echo; echo "== $1 ($(awk -v a="$start" -v b="$now" 'BEGIN{printf "%.0f", b - a}') s)"
 }
+SAMPLE=(--num_images_per_class 30 --num_inference_steps 20 --guidance_scale 3 --batch_size 100 --output_resolution 28)
+EVAL=(--train_data_dir "$RUN/data" --class_prompts fashion_mnist --epochs 3 --classifier_depth 10 --classifier_width 1
+      --fid_max_real 500 --cache_dir "$RUN/cache")
 
-stage "embedded default model"
-[ -f "$MODEL/model_index.json" ] || $PY -m dp_sapf.tiny_pipeline --output_dir "$MODEL"
-stage "real data: Fashion-MNIST, 100 train / 50 test images per class"
+stage "real data: Fashion-MNIST, 100 train / 50 test images per class (the sensitive set)"
 $PY -m dp_sapf.prepare_data --name fashion_mnist --output_dir "$RUN/data" --max_per_class 100 --test_max_per_class 50
-stage "1. DP saliency selection (sigma_s = 5)"
+stage "1. DP saliency selection (sigma_s = 5) on the public model $MODEL"
 $PY select_salient.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$RUN/data" --resolution 32 \
   --class_prompts fashion_mnist --select_ratio 0.3 --selection_noise_multiplier 5 --output "$RUN/mask.json"
 stage "2. DP-SGD LoRA training, calibrated to epsilon = 10 (selection included)"
 $PY train_dp_sapf.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$RUN/data" --resolution 32 \
   --class_prompts fashion_mnist --saliency_mask "$RUN/mask.json" --target_epsilon 10 --train_batch_size 250 \
-  --max_physical_batch_size 125 --max_train_steps 40 --learning_rate 5e-3 --validation_inference_steps 10 \
+  --max_physical_batch_size 125 --max_train_steps 40 --learning_rate 1e-2 --validation_inference_steps 20 \
   --report_to none --output_dir "$RUN/lora"
-stage "3. sampling a labelled synthetic dataset"
-$PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$RUN/lora" --num_images_per_class 30 \
-  --num_inference_steps 10 --batch_size 50 --output_resolution 28 --output_dir "$RUN/synthetic"
-stage "4. evaluation: FID (real Inception) and downstream accuracy"
-$PY evaluate.py --synthetic_dir "$RUN/synthetic" --train_data_dir "$RUN/data" --epochs 3 --classifier_depth 10 \
-  --classifier_width 1 --cache_dir "$RUN/cache" --output_dir "$RUN/eval"
+stage "3. sampling: the DP fine-tune, and the public model alone"
+$PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$RUN/lora" "${SAMPLE[@]}" --output_dir "$RUN/synthetic"
+$PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts fashion_mnist "${SAMPLE[@]}" \
+  --output_dir "$RUN/baseline"
+stage "4. evaluation: FID (real Inception) and downstream accuracy, both synthetic sets"
+$PY evaluate.py --synthetic_dir "$RUN/synthetic" "${EVAL[@]}" --output_dir "$RUN/eval"
+$PY evaluate.py --synthetic_dir "$RUN/baseline" "${EVAL[@]}" --skip_real_reference --output_dir "$RUN/eval_baseline"
 stage "done"
 $PY - "$RUN" <<'PYEOF'
 import json, sys
 run = sys.argv[1]
 r = json.load(open(f"{run}/lora/privacy_report.json"))
-m = json.load(open(f"{run}/eval/metrics.json"))
+dp, base = json.load(open(f"{run}/eval/metrics.json")), json.load(open(f"{run}/eval_baseline/metrics.json"))
 s = r["budget_split"]
 print(f"epsilon = {r['epsilon']:.3f} at delta = {r['delta']:.2g} (selection alone {s['epsilon_selection_only']:.3f}, "
       f"training alone {s['epsilon_training_only']:.3f}, selection share {s['selection_share']:.1%})")
-print("metrics:", json.dumps({k: v for k, v in m.items() if k.startswith(("fid", "accuracy", "real_reference"))}))
+print(f"{'':34}{'FID (lower is better)':>24}{'WRN accuracy':>14}")
+print(f"{'public model alone (no data)':34}{base['fid_train']:>24.1f}{base['accuracy_wrn']:>14.3f}")
+print(f"{'DP-SAPF fine-tune (epsilon = 10)':34}{dp['fid_train']:>24.1f}{dp['accuracy_wrn']:>14.3f}")
+print(f"{'real -> real reference':34}{'':>24}{dp['real_reference_accuracy_wrn']:>14.3f}   (chance: 0.100)")
 stages = {name: float(sec) for name, sec in (line.rstrip("\n").split("\t") for line in open(f"{run}/timings.tsv"))}
 json.dump({"stages_s": stages, "total_s": sum(stages.values())}, open(f"{run}/timings.json", "w"), indent=2)
 print(f"wall time {sum(stages.values()):.0f} s: " + ", ".join(f"{k.split(':')[0]} {v:.0f} s" for k, v in stages.items()))
 PYEOF
-echo "Results in $RUN (lora/, synthetic/preview.png, eval/metrics.md)"
+echo "Results in $RUN: synthetic/preview.png (DP) next to baseline/preview.png (public model), eval/metrics.md"
