@@ -121,9 +121,23 @@ def main(argv=None):
             summary["saliency_images_per_s"] = round(n / summary["saliency_pass_s"], 2)
         with open(os.path.splitext(args.output)[0] + ".timings.json", "w") as f:  # beside, not inside, the release
             json.dump(summary, f, indent=2)
+        if args.scorer == "grad_norm" and args.granularity == "matrix" and args.selection_noise_multiplier > 0:
+            warn_if_noise_dominates(result, modules, args, n)
         accelerator.print(f"Kept {len(result.target_modules)} matrices; mask written to {args.output} "
                           f"(saliency pass {summary.get('saliency_images_per_s')} images/s)")
     distributed.finish(accelerator)
+
+
+def warn_if_noise_dominates(result, modules, args, n: int) -> None:
+    """Say so when most kept matrices score like pure noise: then the mask is close to a size-biased random one."""
+    floor = saliency.noise_floor(modules, noise_multiplier=args.selection_noise_multiplier,
+                                 max_grad_norm=args.selection_max_grad_norm, dataset_size=n)
+    drowned = saliency.near_noise_floor(result.scores, floor, result.target_modules)
+    if 2 * len(drowned) > len(result.target_modules):
+        print(f"warning: {len(drowned)} of the {len(result.target_modules)} kept matrices score below √2 × the "
+              f"noise's own level σ_s·C_s·√d/N (N = {n}): the selection is mostly noise, which favours the largest "
+              "matrices. More images, or a smaller --selection_noise_multiplier (more of the ε budget), make it "
+              "informative.", file=sys.stderr)
 
 
 if __name__ == "__main__":

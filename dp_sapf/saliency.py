@@ -70,6 +70,22 @@ def num_selected(ratio: float, count: int) -> int:
     return max(1, math.ceil(ratio * count - 1e-9))
 
 
+def noise_floor(modules: dict[str, nn.Linear], *, noise_multiplier: float, max_grad_norm: float,
+                dataset_size: int) -> dict[str, float]:
+    """The grad_norm score a matrix gets from the noise alone, σ_s·C_s·√d_m / N (d_m its number of entries).
+
+    A noisy score near it says nothing about the data; since it grows with √d_m, a selection drowned in noise
+    keeps the largest matrices. Computed from public quantities only (post-processing, no privacy cost)."""
+    return {name: noise_multiplier * max_grad_norm * math.sqrt(m.weight.numel()) / dataset_size
+            for name, m in modules.items()}
+
+
+def near_noise_floor(scores: dict[str, float], floor: dict[str, float], names: list[str]) -> list[str]:
+    """Those of `names` whose score² is below twice the noise's expected score²: their estimated signal
+    (score² − floor²) is below the noise level."""
+    return [n for n in names if scores[n] ** 2 < 2 * floor[n] ** 2]
+
+
 def rank_and_select(scores: dict[str, float], ratio: float, granularity: str, scorer: str = "grad_norm") -> list[str]:
     """Top ⌈ρ·M⌉ matrices by score, or top ⌈ρ·L⌉ attention layers with all their matrices."""
     if granularity not in GRANULARITIES:

@@ -102,6 +102,17 @@ def test_target_modules_wrap_exactly_the_chosen_modules(parts):
     assert wrapped == set(chosen)
 
 
+def test_noise_floor_is_the_score_of_pure_noise():
+    """σ_s·C_s·√d/N: the norm of the noise added to a matrix whose clipped gradients sum to zero, divided by N."""
+    modules = {"big": torch.nn.Linear(64, 64), "small": torch.nn.Linear(32, 32)}
+    floor = saliency.noise_floor(modules, noise_multiplier=5, max_grad_norm=1, dataset_size=1000)
+    assert floor == pytest.approx({"big": 0.32, "small": 0.16})
+    g = torch.Generator().manual_seed(0)
+    observed = [float((5 * torch.randn(64, 64, generator=g)).norm() / 1000) for _ in range(200)]
+    assert abs(sum(observed) / len(observed) - floor["big"]) < 0.01
+    assert saliency.near_noise_floor({"big": 0.4, "small": 0.3}, floor, ["big", "small"]) == ["big"]
+
+
 def test_random_scorer_reads_no_data(parts):
     modules = saliency.candidate_modules(parts.unet, "attention_qkv")
 
@@ -132,6 +143,8 @@ def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp
     assert mask["privacy"]["noise_multiplier"] == 5.0 and mask["privacy"]["dataset_size"] == 40
     prompts = dict(zip(mask["class_names"], mask["class_prompts"]))
     assert prompts["t_shirt_top"] == "An image of a t-shirt/top" and prompts["ankle_boot"] == "An image of an ankle boot"
+    # at N = 40 and σ_s = 5 the noise dwarfs every matrix's signal, and the user is told
+    assert "selection is mostly noise" in res.stderr
     parts = modeling.load_pipeline_parts(tiny_pipeline_dir)
     saliency.check_mask(mask, parts.unet, 40)
     modeling.add_lora(parts.unet, mask["target_modules"], rank=4)
