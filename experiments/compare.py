@@ -229,7 +229,7 @@ def record(run: dict, folder: str, wall: dict, args) -> dict:
         "num_candidates": None if mask is None else len(mask["candidates"]),
         "metrics": {k: v for k, v in metrics.items() if k.startswith(("fid", "accuracy", "real_reference"))},
         "num_synthetic": metrics.get("num_synthetic"), "num_real_train": metrics.get("num_real_train"),
-        "settings": settings(args), "wall_time_s": wall, "device": device_name(),
+        "settings": settings(args), "wall_time_s": wall, "device": device_name(), "versions": versions(),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     os.makedirs(args.results_dir, exist_ok=True)
@@ -258,6 +258,12 @@ def settings(args) -> dict:
                                           "classifier_epochs", "classifier_depth", "classifier_width",
                                           "max_per_class", "fid_max_real", "mixed_precision", "quick")}
     return {**out, "public_model": os.path.relpath(args.public_model, REPO), "how_chosen": HOW_CHOSEN}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "opacus")}
 
 
 def device_name() -> str:

@@ -76,12 +76,13 @@ def rho_table(records: list[dict]) -> list[str]:
 
 
 def short_name(module: str) -> str:
-    """'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k' -> 'down1.0.attn2.k'."""
+    """'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k' -> 'down1.0.attn2.k'; mid block: 'mid.0.attn1.q'."""
     parts = module.split(".")
     block = parts[0].replace("_blocks", "").replace("_block", "")
     index = parts[1] if parts[1].isdigit() else ""
+    attention = parts[parts.index("attentions") + 1] if "attentions" in parts[:-1] else ""
     layer = next((p for p in parts if p.startswith("attn")), "?")
-    return f"{block}{index}.{parts[3] if len(parts) > 3 and parts[3].isdigit() else ''}.{layer}.{parts[-1][-1]}"
+    return f"{block}{index}.{attention}.{layer}.{parts[-1][-1]}"
 
 
 def plot(records: list[dict], path: str) -> None:
@@ -141,7 +142,8 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
         f"guidance {settings['guidance_scale']}; FID against the sensitive train set; classifiers "
         f"({settings['classifier']}, {settings['classifier_epochs']} epochs) trained on the synthetic set, "
         "selected on a synthetic held-out split, tested on the real test split.",
-        f"- Device: {', '.join(devices)}.",
+        f"- Device: {', '.join(devices)}. Versions: "
+        + (", ".join(f"{k} {v}" for k, v in records[0].get("versions", {}).items()) or "not recorded") + ".",
         f"- How the settings were chosen: {settings.get('how_chosen', 'not recorded')}",
         "",
         *main_table(records, 0.3),

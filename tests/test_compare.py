@@ -26,3 +26,10 @@ def test_quick_comparison_runs_reports_and_resumes(tiny_pipeline_dir, tmp_path):
     # every run's folder says complete: a second call does nothing but the report
     res = run_script("experiments/compare.py", args, timeout=600)
     assert res.returncode == 0 and "3 runs, 3 complete, 0 to do" in res.stdout
+
+
+def test_results_name_matrices_the_same_way_for_every_block():
+    from experiments.results_report import short_name
+
+    assert short_name("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k") == "down1.0.attn2.k"
+    assert short_name("mid_block.attentions.0.transformer_blocks.0.attn1.to_q") == "mid.0.attn1.q"
