@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The paper's comparison on the embedded public model: DP-SAPF against its baselines and ablations.
 
-    python experiments/compare.py run              # every run, resumable: a run whose folder says complete is skipped
+    python experiments/compare.py run              # every run, resumable: a run whose folder says complete, or
+                                                   # whose record is in results/, is skipped (delete it to redo)
     python experiments/compare.py report           # docs/results.md from results/*.json
     python experiments/compare.py run --quick      # the whole pipeline on a few hundred images, CPU minutes
 
@@ -282,15 +283,23 @@ def prepare_data(args) -> None:
     prep.prepare("fashion_mnist", args.data_dir, args.max_per_class, args.test_max_per_class)
 
 
+def is_complete(run: dict, args) -> bool:
+    """Its folder says complete, or its record is in --results_dir: records are what survives a fresh machine
+    (commit them), so a later session on another machine skips what an earlier one finished."""
+    return (os.path.isfile(os.path.join(args.work_dir, run["name"], COMPLETE))
+            or os.path.isfile(os.path.join(args.results_dir, f"{run['name']}.json")))
+
+
 def run_all(args) -> list[dict]:
     if not os.path.isfile(os.path.join(args.public_model, "model_index.json")):
         raise SystemExit(f"error: {args.public_model} is not a diffusers pipeline (see experiments/pretrain_public.py).")
-    prepare_data(args)
     runs = plan(args)
-    todo = [r for r in runs if not os.path.isfile(os.path.join(args.work_dir, r["name"], COMPLETE))]
+    todo = [r for r in runs if not is_complete(r, args)]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} complete, {len(todo)} to do", flush=True)
     if args.max_runs is not None:
         todo = todo[:args.max_runs]
+    if todo:
+        prepare_data(args)
     failures = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(execute, r, args): r for r in todo}

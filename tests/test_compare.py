@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 from helpers import run_script
 
@@ -23,7 +24,9 @@ def test_quick_comparison_runs_reports_and_resumes(tiny_pipeline_dir, tmp_path):
         assert os.path.isfile(tmp_path / "results" / "grids" / f"{r['name']}.png")
     report = open(tmp_path / "results.md").read()
     assert "DP-SAPF" in report and "DP-LoRA" in report and os.path.isfile(tmp_path / "results_privacy_utility.png")
-    # every run's folder says complete: a second call does nothing but the report
+    # every run's folder says complete: a second call does nothing but the report, also on a fresh machine
+    # where only the (committed) records are left
+    shutil.rmtree(tmp_path / "work")
     res = run_script("experiments/compare.py", args, timeout=600)
     assert res.returncode == 0 and "3 runs, 3 complete, 0 to do" in res.stdout
 
