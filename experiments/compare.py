@@ -202,6 +202,7 @@ def execute(run: dict, args) -> dict:
             *(["--classifier_depth", args.classifier_depth] if args.classifier_depth else []),
             *(["--classifier_width", args.classifier_width] if args.classifier_width else []),
             *(["--fid_max_real", args.fid_max_real] if args.fid_max_real else []),
+            *([] if method == "no_finetune" else ["--skip_real_reference"]),  # real -> real once, not per run
             "--seed", run["seed"], "--cache_dir", os.path.join(args.work_dir, "fid_cache"),
             "--output_dir", os.path.join(folder, "eval")), log)
     return record(run, folder, wall, args)
@@ -257,7 +258,8 @@ def settings(args) -> dict:
     out = {k: getattr(args, k) for k in ("train_batch_size", "max_train_steps", "learning_rate", "rank",
                                           "num_synthetic", "sampling_steps", "guidance_scale", "classifier",
                                           "classifier_epochs", "classifier_depth", "classifier_width",
-                                          "max_per_class", "fid_max_real", "mixed_precision", "quick")}
+                                          "max_per_class", "fid_max_real", "mixed_precision", "quick",
+                                          "select_ratio")}
     return {**out, "public_model": os.path.relpath(args.public_model, REPO), "how_chosen": HOW_CHOSEN}
 
 

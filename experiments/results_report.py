@@ -14,8 +14,8 @@ from collections import defaultdict
 ORDER = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
          "dp_finetune")
 LABELS = {"no_finetune": "no fine-tuning (public model)", "nonprivate_lora": "LoRA, all attention, no DP",
-          "dp_sapf": "**DP-SAPF** (ρ = 0.3)", "dp_lora": "DP-LoRA (all attention)",
-          "random_selection": "random selection (ρ = 0.3)", "layer_selection": "layer-level selection",
+          "dp_sapf": "**DP-SAPF** (ρ = {rho:g})", "dp_lora": "DP-LoRA (all attention)",
+          "random_selection": "random selection (ρ = {rho:g})", "layer_selection": "layer-level selection",
           "wo_lora": "DP-SAPF w/o LoRA (direct)", "dp_finetune": "DP-Finetune (all UNet)"}
 METRICS = (("fid_train", "FID ↓"), ("accuracy_wrn", "WRN acc ↑"), ("accuracy_resnet", "ResNet acc ↑"))
 
@@ -45,7 +45,7 @@ def main_table(records: list[dict], rho: float) -> list[str]:
     for (method, eps), rs in sorted(groups.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1] or math.inf)):
         share = [r["budget_split"].get("selection_share") for r in rs if r.get("budget_split")]
         lines.append(
-            f"| {LABELS.get(method, method)} | {'∞' if eps is None else f'{eps:g}'} | {len(rs)} | "
+            f"| {label(method, rho)} | {'∞' if eps is None else f'{eps:g}'} | {len(rs)} | "
             + " | ".join(mean_std([r["metrics"].get(key) for r in rs]) for key, _ in METRICS)
             + f" | {mean_std([r['epsilon_achieved'] for r in rs if r['epsilon_achieved'] not in (None, math.inf)])}"
             + f" | {mean_std([s * 100 for s in share]) + ' %' if share else '–'}"
@@ -85,7 +85,11 @@ def short_name(module: str) -> str:
     return f"{block}{index}.{attention}.{layer}.{parts[-1][-1]}"
 
 
-def plot(records: list[dict], path: str) -> None:
+def label(method: str, rho: float) -> str:
+    return LABELS.get(method, method).format(rho=rho)
+
+
+def plot(records: list[dict], path: str, rho: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,23 +98,23 @@ def plot(records: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     by_method = defaultdict(lambda: defaultdict(list))
     for r in records:
-        if r["rho"] in (None, 0.3) and r["epsilon"] is not None:
+        if r["rho"] in (None, rho) and r["epsilon"] is not None:
             by_method[r["method"]][r["epsilon"]].append(r)
-    for ax, (key, label) in zip(axes, (METRICS[1], METRICS[0])):
+    for ax, (key, title) in zip(axes, (METRICS[1], METRICS[0])):
         for method in ORDER:
             if method not in by_method:
                 continue
             eps = sorted(by_method[method])
             ys = [sum(r["metrics"].get(key, math.nan) for r in by_method[method][e]) / len(by_method[method][e])
                   for e in eps]
-            ax.plot(eps, ys, marker="o", label=LABELS[method].replace("*", ""))
+            ax.plot(eps, ys, marker="o", label=label(method, rho).replace("*", ""))
         for method, style in (("no_finetune", ":"), ("nonprivate_lora", "--")):
             ref = [r["metrics"].get(key) for r in records if r["method"] == method]
             if ref and ref[0] is not None:
-                ax.axhline(ref[0], linestyle=style, color="grey", label=LABELS[method])
+                ax.axhline(ref[0], linestyle=style, color="grey", label=label(method, rho))
         ax.set_xscale("log")
         ax.set_xlabel("ε")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -126,7 +130,8 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
     reference = {k: v for r in records for k, v in r["metrics"].items() if k.startswith("real_reference")}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure = os.path.splitext(path)[0] + "_privacy_utility.png"
-    plot(records, figure)
+    rho = settings.get("select_ratio", 0.3)
+    plot(records, figure, rho)
     rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(path)))
     lines = [
         "# Results: DP-SAPF against its baselines on Fashion-MNIST" + (" (quick CPU run)" if quick else ""),
@@ -146,7 +151,7 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
         + (", ".join(f"{k} {v}" for k, v in records[0].get("versions", {}).items()) or "not recorded") + ".",
         f"- How the settings were chosen: {settings.get('how_chosen', 'not recorded')}",
         "",
-        *main_table(records, 0.3),
+        *main_table(records, rho),
         "",
         "Real → real reference (same classifier trained on the real train set): "
         + (", ".join(f"{k.removeprefix('real_reference_')} {v:.3f}" for k, v in reference.items()) or "–") + ".",
@@ -160,10 +165,10 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
     lines += ["## Samples (first seed, largest ε; rows = classes)", ""]
     top = max((r["epsilon"] for r in records if r["epsilon"] is not None), default=None)
     for method in ORDER:
-        rs = [r for r in records if r["method"] == method and r["epsilon"] in (None, top) and r["rho"] in (None, 0.3)]
+        rs = [r for r in records if r["method"] == method and r["epsilon"] in (None, top) and r["rho"] in (None, rho)]
         if rs:
             name = sorted(rs, key=lambda r: r["seed"])[0]["name"]
-            lines += [f"**{LABELS[method].replace('*', '')}**", "", f"![{name}]({rel}/grids/{name}.png)", ""]
+            lines += [f"**{label(method, rho).replace('*', '')}**", "", f"![{name}]({rel}/grids/{name}.png)", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"Wrote {path} ({len(records)} runs)")
