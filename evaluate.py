@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--fid_batch_size", type=int, default=50, help="Images per Inception forward.")
     p.add_argument("--fid_max_real", type=int, default=None,
                    help="Measure FID against a fixed random subset of this many real images (default: all), the same "
-                        "for every run. Inception runs at ~4 images/s on a CPU: the quick start uses 500.")
+                        "for every run. Inception runs at 4-10 images/s on a 2-core CPU: the quick start uses 500.")
     p.add_argument("--seed", type=int, default=0, help="Seed of splits and classifier training.")
     p.add_argument("--output_dir", default="eval", help="Where metrics.json, metrics.md and metrics.png go.")
     args = p.parse_args(argv)
