@@ -17,7 +17,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, modeling, per_sample, saliency, timing
+from dp_sapf import data, distributed, modeling, per_sample, privacy, saliency, timing
 from dp_sapf.cli import add_runtime_args, run_cli
 from dp_sapf.seeding import seeded_generator
 
@@ -40,8 +40,19 @@ def parse_args(argv=None):
                    help="attention_qkv: to_q/to_k/to_v of every attn1 and attn2 (SD-v1.5: 96); attention_qkvo adds "
                         "to_out.0; all_linear: every nn.Linear of the UNet.")
     g.add_argument("--scorer", choices=saliency.SCORERS, default="grad_norm",
-                   help="grad_norm: ‖noisy mean clipped gradient‖ (the paper); fisher: Σ_i ‖clipped g_i,m‖² plus noise "
-                        "(the official code); random: random scores from --seed, reads no data and costs no privacy.")
+                   help="grad_norm: ‖mean clipped gradient‖ (the paper); fisher: Σ_i ‖clipped g_i,m‖² (the official "
+                        "code); snip: ‖θ_m ⊙ mean clipped gradient‖₁; synflow: data-free SynFlow of the public weights; "
+                        "random: random scores from --seed. synflow and random read no images and cost no privacy.")
+    g.add_argument("--selection_mechanism", choices=saliency.MECHANISMS, default="gaussian",
+                   help="gaussian: noisy scores, RDP α/(2σ_s²) (the paper's default); exponential: k picks by the "
+                        "peeling exponential mechanism (one-shot Gumbel top-k) with --selection_epsilon over all "
+                        "picks, pure ε-DP and RDP α·ε²/(8k); ptr: propose-test-release of the exact top k, "
+                        "(--selection_epsilon, --selection_delta)-DP, falling back to a random mask when the test fails. "
+                        "Only gaussian releases scores.")
+    g.add_argument("--selection_epsilon", type=float, default=None,
+                   help="ε_s of the exponential mechanism (all picks together) or of PTR's test. Required by them.")
+    g.add_argument("--selection_delta", type=float, default=None,
+                   help="δ_s of PTR (default 1/(10N), leaving 0.9/N of the default δ = 1/N for training).")
     g.add_argument("--selection_batch_size", type=int, default=16,
                    help="Samples per pass over all processes (each takes its share). The result does not depend "
                         "on the number of processes (up to float rounding).")
@@ -60,7 +71,16 @@ def parse_args(argv=None):
     saliency.num_selected(args.select_ratio, 1)  # validates the ratio before any work
     if not args.selection_noise_multiplier >= 0 or not args.selection_max_grad_norm > 0:
         parser.error("--selection_noise_multiplier must be >= 0 and --selection_max_grad_norm > 0.")
-    if args.selection_noise_multiplier == 0 and args.scorer != "random":
+    if args.selection_mechanism != "gaussian" and args.scorer in saliency.DATA_FREE_SCORERS:
+        parser.error(f"--scorer {args.scorer} reads no data: it needs no --selection_mechanism.")
+    if args.selection_mechanism != "gaussian" and not (args.selection_epsilon is not None
+                                                       and math.isfinite(args.selection_epsilon)
+                                                       and args.selection_epsilon > 0):
+        parser.error(f"--selection_mechanism {args.selection_mechanism} needs --selection_epsilon > 0 (finite).")
+    if args.selection_delta is not None and not 0 < args.selection_delta < 1:
+        parser.error("--selection_delta must be in (0, 1).")
+    if (args.selection_noise_multiplier == 0 and args.selection_mechanism == "gaussian"
+            and args.scorer not in saliency.DATA_FREE_SCORERS):
         print("warning: --selection_noise_multiplier 0 releases exact scores: the mask is NOT private, and every "
               "model trained on it reports epsilon = inf.", file=sys.stderr)
     if args.selection_batch_size < 1:
@@ -73,59 +93,99 @@ def main(argv=None):
     class_names, prompts = data.resolve_classes(args.class_prompts, args.class_names, args.prompt_template)
     accelerator = distributed.make_accelerator(args)
     device, weight_dtype = accelerator.device, modeling.weight_dtype_for(accelerator.mixed_precision)
-    images = data.load_labelled_images(args, "train", class_names=class_names, max_samples=args.max_train_samples)
+    data_free = args.scorer in saliency.DATA_FREE_SCORERS
+    images = None if data_free else data.load_labelled_images(args, "train", class_names=class_names,
+                                                               max_samples=args.max_train_samples)
     parts = modeling.load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
     modeling.place(parts, device, weight_dtype)
     modules = saliency.candidate_modules(parts.unet, args.candidate_pool)
-    n = len(images)
+    n = None if data_free else len(images)
+    delta = args.selection_delta if args.selection_delta is not None or n is None else privacy.default_selection_delta(n)
     dp_seed = distributed.shared_secret_seed(accelerator, args.dp_seed)
     accelerator.print(f"Selecting {saliency.num_selected(args.select_ratio, len(modules))} of {len(modules)} "
-                      f"{args.candidate_pool} matrices from N = {n} images (scorer {args.scorer}).")
+                      f"{args.candidate_pool} matrices " + ("without reading any image" if data_free else
+                      f"from N = {n} images") + f" (scorer {args.scorer}"
+                      + ("" if data_free else f", {args.selection_mechanism} mechanism") + ").")
 
-    batches, progress, timings = (), None, timing.Timings(device)
-    if args.scorer != "random":
-        with timings.stage("encode_latents"):
-            cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
-                                        device=device, dtype=weight_dtype, show_progress=accelerator.is_main_process)
-        prompt_embeds = modeling.encode_prompts(parts, prompts, device)
-        # each image's diffusion draws come from the secret seed, keyed by the image itself (docs/design.md §1)
-        batches = data.micro_batches(
-            cache, prompt_embeds, torch.arange(n), rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            micro_batch_size=math.ceil(args.selection_batch_size / accelerator.num_processes),
-            num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
-            stream=("selection",), device=device)
-        progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
-    loss_fn = modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler, accelerator.autocast)
+    timings = timing.Timings(device)
     with timings.stage("saliency_pass"):
-        result = saliency.select_salient(
-            loss_fn, modules, batches, dataset_size=n, scorer=args.scorer,
-            noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
-            ratio=args.select_ratio, granularity=args.granularity,
-            noise_generator=(seeded_generator(args.seed, "random-mask") if args.scorer == "random"
-                             else seeded_generator(dp_seed, "selection-noise", device=device)),
-            accelerator=accelerator, progress=progress, compile=args.compile, ghost=args.ghost_norms)
-    if progress is not None:
-        progress.close()
-    if args.scorer != "random" and result.num_samples != n:
-        raise RuntimeError(f"The pass saw {result.num_samples} samples, expected {n}.")
+        if data_free:
+            result = data_free_selection(args, parts, prompts, modules, device)
+        else:
+            result = private_selection(args, parts, images, prompts, modules, accelerator, dp_seed, delta,
+                                       weight_dtype, timings)
+    units = saliency.selection_units(list(modules), args.granularity)
+    privacy_record = saliency.mask_privacy(
+        scorer=args.scorer, mechanism=args.selection_mechanism, noise_multiplier=args.selection_noise_multiplier,
+        max_grad_norm=args.selection_max_grad_norm, dataset_size=n, epsilon=args.selection_epsilon, delta=delta,
+        num_picks=saliency.num_selected(args.select_ratio, len(units)), ptr=result.ptr,
+        sensitivity=None if data_free or args.selection_mechanism == "gaussian" else saliency.score_sensitivity(
+            modules, units, args.scorer, args.selection_max_grad_norm, n))
     mask = saliency.build_mask(
         base_model=args.pretrained_model_name_or_path, modules=modules, pool=args.candidate_pool,
         granularity=args.granularity, ratio=args.select_ratio, scorer=args.scorer, result=result, seed=args.seed,
-        noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
-        dataset_size=n, class_names=class_names, class_prompts=prompts)
+        privacy_record=privacy_record, class_names=class_names, class_prompts=prompts)
     if accelerator.is_main_process:
         saliency.write_mask(mask, args.output)
         summary = timings.summary()
-        if args.scorer != "random":
+        if not data_free:
             summary["saliency_images_per_s"] = round(n / summary["saliency_pass_s"], 2)
         with open(os.path.splitext(args.output)[0] + ".timings.json", "w") as f:  # beside, not inside, the release
             json.dump(summary, f, indent=2)
-        if args.scorer == "grad_norm" and args.granularity == "matrix" and args.selection_noise_multiplier > 0:
+        if (args.scorer == "grad_norm" and args.granularity == "matrix" and args.selection_mechanism == "gaussian"
+                and args.selection_noise_multiplier > 0):
             warn_if_noise_dominates(result, modules, args, n)
-        accelerator.print(f"Kept {len(result.target_modules)} matrices; mask written to {args.output} "
-                          f"(saliency pass {summary.get('saliency_images_per_s')} images/s)")
+        if result.ptr is not None and not result.ptr["passed"]:
+            print("warning: PTR's test failed (the top k is not stable enough for this ε_s, δ_s): the mask is a "
+                  "random one drawn from --seed. Its cost is still spent.", file=sys.stderr)
+        accelerator.print(f"Kept {len(result.target_modules)} matrices; mask written to {args.output}"
+                          + ("" if data_free else f" (saliency pass {summary.get('saliency_images_per_s')} images/s)"))
     distributed.finish(accelerator)
+
+
+def private_selection(args, parts, images, prompts, modules, accelerator, dp_seed, delta, weight_dtype, timings):
+    """One pass over the data: clipped per-sample gradients, then the chosen mechanism."""
+    device, n = accelerator.device, len(images)
+    with timings.stage("encode_latents"):
+        cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
+                                    device=device, dtype=weight_dtype, show_progress=accelerator.is_main_process)
+    prompt_embeds = modeling.encode_prompts(parts, prompts, device)
+    # each image's diffusion draws come from the secret seed, keyed by the image itself (docs/design.md §1)
+    batches = data.micro_batches(
+        cache, prompt_embeds, torch.arange(n), rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        micro_batch_size=math.ceil(args.selection_batch_size / accelerator.num_processes),
+        num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
+        stream=("selection",), device=device)
+    progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
+    loss_fn = modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler, accelerator.autocast)
+    result = saliency.select_salient(
+        loss_fn, modules, batches, dataset_size=n, scorer=args.scorer, mechanism=args.selection_mechanism,
+        noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
+        epsilon=args.selection_epsilon, delta=delta, ratio=args.select_ratio, granularity=args.granularity,
+        noise_generator=seeded_generator(dp_seed, "selection-noise", device=device),
+        fallback_generator=seeded_generator(args.seed, "ptr-fallback-mask"),
+        accelerator=accelerator, progress=progress, compile=args.compile, ghost=args.ghost_norms)
+    progress.close()
+    if result.num_samples != n:
+        raise RuntimeError(f"The pass saw {result.num_samples} samples, expected {n}.")
+    return result
+
+
+def data_free_selection(args, parts, prompts, modules, device) -> saliency.SelectionResult:
+    """random: scores from --seed; synflow: the model's own weights on constant inputs. No image is read."""
+    if args.scorer == "random":
+        return saliency.select_salient(None, modules, (), dataset_size=0, scorer="random", noise_multiplier=0.0,
+                                       max_grad_norm=1.0, ratio=args.select_ratio, granularity=args.granularity,
+                                       noise_generator=seeded_generator(args.seed, "random-mask"))
+    latent_size = args.resolution // (2 ** (len(parts.vae.config.block_out_channels) - 1))
+    ones = torch.ones(1, parts.unet.config.in_channels, latent_size, latent_size, dtype=torch.float64, device=device)
+    hidden = torch.ones_like(modeling.encode_prompts(parts, prompts[:1], device), dtype=torch.float64)
+    timestep = torch.tensor([parts.noise_scheduler.config.num_train_timesteps // 2], device=device)
+    scores = saliency.synflow_scores(parts.unet, modules,
+                                     lambda model: model(ones, timestep, hidden, return_dict=False)[0])
+    return saliency.SelectionResult(scores, saliency.rank_and_select(scores, args.select_ratio, args.granularity,
+                                                                     args.scorer), 0)
 
 
 def warn_if_noise_dominates(result, modules, args, n: int) -> None:

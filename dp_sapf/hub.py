@@ -50,13 +50,25 @@ def _privacy_section(report: dict, class_prompts: list[str]) -> str:
         f"add/remove of one training image, accountant `{report['accountant']}`, composed over the saliency "
         "selection and DP-SGD.\n\n"
         f"| stage | figure |\n|---|---|\n"
-        f"| saliency selection | σ_s = {report.get('selection_noise_multiplier')}, scorer {mask.get('scorer', 'none')}, "
+        f"| saliency selection | {selection_summary(report)}, scorer {mask.get('scorer', 'none')}, "
         f"ε alone = {split.get('epsilon_selection_only', 0):.4g} |\n"
         f"| DP-SGD | σ = {report['noise_multiplier']:.4g}, C = {report['max_grad_norm']}, q = {report['sample_rate']:.4g}, "
         f"T = {report['steps']}, ε alone = {split.get('epsilon_training_only', 0):.4g} |\n"
         f"| selection share of the budget | {split.get('selection_share', 0):.1%} |\n\n{trained}\n\n"
         "The guarantee covers these weights and anything generated from them. It does not cover training logs "
         "(the logged loss and batch sizes are not private) or checkpoints, which are never uploaded.\n")
+
+
+def selection_summary(report: dict) -> str:
+    """The selection's mechanism and its parameter, as the card's table names them."""
+    mechanism = report.get("selection_mechanism")
+    if mechanism == "exponential":
+        return f"exponential mechanism, ε_s = {report.get('selection_epsilon')} (pure, all picks)"
+    if mechanism == "ptr":
+        return f"propose-test-release, ε_s = {report.get('selection_epsilon')}, δ_s = {report.get('selection_delta'):.3g}"
+    if mechanism == "gaussian":
+        return f"Gaussian, σ_s = {report.get('selection_noise_multiplier')}"
+    return "none" if mechanism is None else "data-independent (free)"
 
 
 def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, report: dict,
@@ -94,7 +106,9 @@ def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, r
         "epsilon": report["epsilon"] if private else None, "delta": report["delta"] if private else None,
         "accountant": report["accountant"] if private else None,
         "noise_multiplier": report["noise_multiplier"] if private else None,
+        "selection_mechanism": report.get("selection_mechanism"),
         "selection_noise_multiplier": report.get("selection_noise_multiplier"),
+        "selection_epsilon": report.get("selection_epsilon"), "selection_delta": report.get("selection_delta"),
         "max_grad_norm": report["max_grad_norm"], "sample_rate": report["sample_rate"], "steps": report["steps"],
         "dataset_size": report["dataset_size"], "selection_share": split.get("selection_share"),
         "neighbouring": "add/remove one image" if private else None,

@@ -309,10 +309,13 @@ class ClippedGradientSum:
     """
 
     def __init__(self, params: list[torch.Tensor], max_grad_norm: float, track_squared_norms: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, accumulate_dtype: torch.dtype = torch.float32):
         if max_grad_norm <= 0:
             raise ValueError("max_grad_norm must be > 0.")
         self.params = list(params)
+        # float64 where exact (noise-free) sums are compared against Δ = C/N (PTR): float32 rounding over N adds
+        # can exceed 1% of Δ at N ~ 10⁴
+        self.accumulate_dtype = accumulate_dtype
         self.max_grad_norm = float(max_grad_norm)
         self.track_squared_norms = track_squared_norms
         # compiled: a few fused kernels instead of ~6 launches per tensor (the same arithmetic)
@@ -326,8 +329,8 @@ class ClippedGradientSum:
 
     def reset(self) -> None:
         """Start a new logical batch."""
-        self.sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params]
-        self.squared_norm_sums = torch.zeros(len(self.params), dtype=torch.float32, device=self._device())
+        self.sums = [torch.zeros(p.shape, dtype=self.accumulate_dtype, device=p.device) for p in self.params]
+        self.squared_norm_sums = torch.zeros(len(self.params), dtype=self.accumulate_dtype, device=self._device())
         self.num_samples = 0
 
     def _device(self):
@@ -345,7 +348,7 @@ class ClippedGradientSum:
         batch = [grad_samples[p] for p in self.params]
         kernel = clip_and_accumulate if any(isinstance(g, LinearFactors) for g in batch) else self._kernel
         norms, squared = kernel(batch, self.sums, self.max_grad_norm)
-        if self.track_squared_norms:
+        if self.track_squared_norms:  # (float32 products, added in the accumulation dtype)
             self.squared_norm_sums.add_(squared)
         self.num_samples += int(batch[0].shape[0]) if count is None else count
         return norms

@@ -1,7 +1,12 @@
 """Privacy accounting of DP-SAPF: the one place every ε of the project comes from.
 
 Two mechanisms compose (add/remove one image; N, prompts and the public model are public):
-- selection: one Gaussian mechanism with noise multiplier σ_s, RDP ε(α) = α / (2σ_s²);
+- selection, one of (`SELECTION_MECHANISMS`, the paper §6.4):
+  gaussian: one Gaussian mechanism with noise multiplier σ_s, RDP ε(α) = α / (2σ_s²);
+  exponential: k-fold peeling exponential mechanism (one-shot Gumbel top-k), ε_s/k per pick, each pick
+    ε_s/k-bounded-range hence (ε_s/k)²/8-zCDP (Cesar & Rogers 2021): RDP ε(α) = α·ε_s²/(8k); pure ε_s-DP;
+  ptr: propose-test-release, (ε_p, δ_p)-DP, added to the training's ε by basic composition (training is
+    accounted at δ − δ_p);
 - training: T steps of the Poisson-subsampled Gaussian with rate q and noise multiplier σ.
 
 `rdp` (default, as the paper) adds the two RDP curves order by order (opacus' analysis) and converts with
@@ -33,20 +38,55 @@ class PrivacyBudgetError(ValueError):
     """The requested (ε, δ) cannot be met with these settings."""
 
 
+SELECTION_MECHANISMS = ("gaussian", "exponential", "ptr")
+
+
 @dataclass(frozen=True)
 class SelectionCost:
-    """The saliency selection as the accountant sees it: noise_multiplier None = data-independent (free),
-    0 = no noise (ε = inf). The other fields describe the mask's query for reports."""
+    """The saliency selection as the accountant sees it.
+
+    mechanism: gaussian (noise_multiplier σ_s; 0 = no noise, ε = inf), exponential (epsilon = ε_s of all
+    num_picks picks), ptr (epsilon, delta of the test) or none (data-independent: free). The other fields
+    describe the mask's query for reports.
+    """
 
     noise_multiplier: float | None
     mechanism: str = "gaussian"
     max_grad_norm: float | None = None
     scorer: str | None = None
     dataset_size: int | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    num_picks: int | None = None
 
     @property
     def free(self) -> bool:
-        return self.noise_multiplier is None
+        """Data-independent: no cost (a Gaussian selection without a σ_s is one too)."""
+        return self.mechanism == "none" or (self.mechanism == "gaussian" and self.noise_multiplier is None)
+
+    @property
+    def noiseless(self) -> bool:
+        """A Gaussian selection without noise: exact scores were released, so nothing is private."""
+        return self.mechanism == "gaussian" and self.noise_multiplier == 0
+
+    def rdp(self, orders: np.ndarray) -> np.ndarray:
+        """The RDP curve of the part accounted in RDP (ptr has none: it is (ε, δ), see `approximate_dp`)."""
+        if self.free or self.mechanism == "ptr":
+            return np.zeros_like(orders)
+        if self.mechanism == "exponential":
+            return orders * self.epsilon ** 2 / (8.0 * self.num_picks)
+        if self.noise_multiplier == 0:
+            return np.full_like(orders, np.inf)
+        return orders / (2.0 * self.noise_multiplier ** 2)
+
+    def approximate_dp(self, accountant: str) -> tuple[float, float]:
+        """(ε, δ) added to the rest by basic composition: ptr always; the exponential mechanism's pure ε_s under
+        the numerical accountants (prv/pld take Gaussian events only)."""
+        if self.mechanism == "ptr":
+            return self.epsilon, self.delta
+        if self.mechanism == "exponential" and accountant != "rdp":
+            return self.epsilon, 0.0
+        return 0.0, 0.0
 
     @classmethod
     def from_mask(cls, mask: dict | None) -> "SelectionCost | None":
@@ -54,8 +94,44 @@ class SelectionCost:
         if mask is None:
             return None
         record = mask["privacy"]
-        return cls(record.get("noise_multiplier"), "gaussian" if record.get("noise_multiplier") is not None else "none",
-                   record.get("max_grad_norm"), mask.get("scorer"), record.get("dataset_size"))
+        mechanism = record.get("mechanism")
+        if mechanism not in ("exponential", "ptr"):  # also reads masks written before the mechanism choice
+            mechanism = "gaussian" if record.get("noise_multiplier") is not None else "none"
+        return cls(record.get("noise_multiplier"), mechanism, record.get("max_grad_norm"), mask.get("scorer"),
+                   record.get("dataset_size"), record.get("epsilon"), record.get("delta"), record.get("num_picks"))
+
+
+def default_selection_delta(dataset_size: int) -> float:
+    """δ_s of PTR: a tenth of the default δ = 1/N, leaving 0.9/N for training."""
+    return 0.1 / dataset_size
+
+
+def planned_selection(mechanism: str, *, noise_multiplier: float | None, epsilon: float | None,
+                      delta: float | None, num_picks: int, dataset_size: int) -> SelectionCost | None:
+    """The SelectionCost of a planned selection (None: a Gaussian one without σ_s, i.e. no selection stage)."""
+    if mechanism == "gaussian":
+        return None if noise_multiplier is None else SelectionCost(
+            check_noise_multiplier(noise_multiplier, "--selection_noise_multiplier"))
+    if mechanism == "ptr" and delta is None:
+        delta = default_selection_delta(dataset_size)
+    check_selection_budget(mechanism, epsilon, delta, num_picks)
+    return SelectionCost(None, mechanism, epsilon=epsilon, delta=delta if mechanism == "ptr" else None,
+                         num_picks=num_picks if mechanism == "exponential" else None)
+
+
+def check_selection_budget(mechanism: str, epsilon: float | None, delta: float | None, num_picks: int) -> None:
+    """Flags of the exponential and PTR mechanisms: a finite ε > 0, and for PTR δ in (0, 1)."""
+    if mechanism not in SELECTION_MECHANISMS:
+        raise ValueError(f"Unknown --selection_mechanism {mechanism!r}; choose from {', '.join(SELECTION_MECHANISMS)}.")
+    if mechanism == "gaussian":
+        return
+    if epsilon is None or not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"--selection_mechanism {mechanism} needs --selection_epsilon, a finite number > 0 "
+                         f"(got {epsilon}).")
+    if mechanism == "ptr" and (delta is None or not 0 < delta < 1):
+        raise ValueError(f"--selection_delta must be in (0, 1), got {delta}.")
+    if num_picks < 1:
+        raise ValueError("The selection must pick at least one candidate.")
 
 
 def parse_target_epsilon(text: str | float) -> float:
@@ -116,11 +192,7 @@ def warn_if_delta_too_large(delta: float, dataset_size: int) -> None:
 
 
 def _selection_rdp(selection: SelectionCost | None, orders: np.ndarray) -> np.ndarray:
-    if selection is None or selection.free:
-        return np.zeros_like(orders)
-    if selection.noise_multiplier == 0:
-        return np.full_like(orders, np.inf)
-    return orders / (2.0 * selection.noise_multiplier ** 2)
+    return np.zeros_like(orders) if selection is None else selection.rdp(orders)
 
 
 def _training_rdp(noise_multiplier: float, sample_rate: float, steps: int, orders: np.ndarray) -> np.ndarray:
@@ -161,7 +233,7 @@ def _dp_event(noise_multiplier, sample_rate, steps, selection):
 
 def _numerical_epsilon(accountant, noise_multiplier, sample_rate, steps, delta, selection) -> float:
     """ε from the PRV (opacus) or PLD (dp-accounting) accountant."""
-    has_selection = selection is not None and not selection.free
+    has_selection = selection is not None and not selection.free  # only Gaussian selections get here
     if (has_selection and selection.noise_multiplier == 0) or (steps > 0 and sample_rate > 0 and noise_multiplier == 0):
         return float("inf")
     if not has_selection and (steps == 0 or sample_rate == 0):
@@ -183,14 +255,35 @@ def _numerical_epsilon(accountant, noise_multiplier, sample_rate, steps, delta, 
 
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                     selection: SelectionCost | None = None, accountant: str = "rdp") -> PrivacySpent:
-    """ε of selection + T training steps at δ, with the split between the stages."""
+    """ε of selection + T training steps at δ, with the split between the stages.
+
+    A selection with an (ε_s, δ_s) part (`SelectionCost.approximate_dp`) adds ε_s to the ε of the rest at
+    δ − δ_s (basic composition); everything else composes inside the accountant.
+    """
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"Unknown accountant {accountant!r}; choose from {', '.join(ACCOUNTANTS)}.")
     if not 0 <= sample_rate <= 1:
         raise ValueError(f"The sample rate must be in [0, 1], got {sample_rate}.")
+    eps_add, delta_add = (0.0, 0.0) if selection is None or selection.free else selection.approximate_dp(accountant)
+    if eps_add == 0 and delta_add == 0:
+        return _composed_epsilon(noise_multiplier, sample_rate, steps, delta, selection, accountant)
+    if delta_add >= delta:
+        raise PrivacyBudgetError(f"The selection's δ_s = {delta_add:.3g} leaves nothing of δ = {delta:.3g} for "
+                                 "training: lower --selection_delta.")
+    rest = _composed_epsilon(noise_multiplier, sample_rate, steps, delta - delta_add, None, accountant)
+    eps = rest.epsilon + eps_add
+    share = eps_add / eps if math.isfinite(eps) and eps > 0 else 0.0
+    return PrivacySpent(eps, delta, accountant, rest.best_alpha, eps_add, rest.epsilon_training_only, share)
+
+
+def _composed_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                      selection: SelectionCost | None, accountant: str) -> PrivacySpent:
+    """ε of an RDP- (or numerically) composed selection and training."""
     orders = np.asarray(RDP_ORDERS)
     sel, train = _selection_rdp(selection, orders), _training_rdp(noise_multiplier, sample_rate, steps, orders)
     eps_sel, _ = _rdp_epsilon(sel, orders, delta)
+    if selection is not None and selection.mechanism == "exponential":  # alone it is also pure ε_s-DP
+        eps_sel = min(eps_sel, selection.epsilon)
     eps_train, _ = _rdp_epsilon(train, orders, delta)
     if accountant == "rdp":
         total = sel + train
@@ -226,8 +319,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_ra
     if floor >= target_epsilon:
         raise PrivacyBudgetError(
             f"The saliency selection alone spends ε = {floor:.4g} at δ = {delta:.3g}, which already meets or exceeds "
-            f"the target ε = {target_epsilon}. Raise --selection_noise_multiplier (σ_s), raise the target, or use "
-            "a data-independent mask (--scorer random).")
+            f"the target ε = {target_epsilon}. Spend less on it (a larger --selection_noise_multiplier σ_s, a smaller "
+            "--selection_epsilon), raise the target, or use a data-independent mask (--scorer random or synflow).")
     if steps == 0 or sample_rate == 0:
         return 0.0
     if eps(max_sigma) > target_epsilon:
@@ -283,7 +376,7 @@ class PrivacyLedger:
     @property
     def private(self) -> bool:
         """False for --no_dp, and for a mask selected without noise (σ_s = 0): either voids the guarantee."""
-        noiseless_selection = self.selection is not None and self.selection.noise_multiplier == 0
+        noiseless_selection = self.selection is not None and self.selection.noiseless
         return self.noise_multiplier > 0 and not noiseless_selection
 
     def spent(self, steps: int | None = None) -> PrivacySpent:
@@ -315,7 +408,10 @@ class PrivacyLedger:
             "max_grad_norm": self.max_grad_norm if self.private else None,
             "sample_rate": self.sample_rate,
             "steps": self.steps_done,
+            "selection_mechanism": None if selection is None else selection.mechanism,
             "selection_noise_multiplier": None if selection is None else selection.noise_multiplier,
+            "selection_epsilon": None if selection is None else selection.epsilon,
+            "selection_delta": None if selection is None else selection.delta,
             "selection_max_grad_norm": None if selection is None else selection.max_grad_norm,
             "budget_split": {} if not self.private else {
                 "epsilon_selection_only": spent.epsilon_selection_only,
@@ -355,7 +451,10 @@ REPORT_FIELDS = {
     "epsilon": "ε of the whole release (selection + training), inf when not private",
     "delta": "δ", "accountant": "rdp | prv | pld",
     "noise_multiplier": "σ of DP-SGD", "max_grad_norm": "C", "sample_rate": "q = B/N", "steps": "T done",
-    "selection_noise_multiplier": "σ_s of the mask (None: no or a data-independent selection)",
+    "selection_mechanism": "gaussian | exponential | ptr | none (data-independent); None: no selection stage",
+    "selection_noise_multiplier": "σ_s of a Gaussian selection (None otherwise)",
+    "selection_epsilon": "ε_s of an exponential (pure, all picks) or PTR selection",
+    "selection_delta": "δ_s of a PTR selection (training is accounted at δ − δ_s)",
     "selection_max_grad_norm": "C_s", "budget_split": "ε of each stage alone and the selection's share",
     "neighbouring": "the neighbouring relation",
     "dataset_size": "N", "expected_batch_size": "B", "target_epsilon": "the requested ε",
@@ -373,8 +472,17 @@ def main(argv=None):
     parser.add_argument("--target_epsilon", type=float, default=None, help="Target ε: σ is calibrated to meet it.")
     parser.add_argument("--noise_multiplier", type=float, default=None, help="σ given: ε is reported.")
     parser.add_argument("--target_delta", type=float, default=None, help="δ (default 1/N).")
+    parser.add_argument("--selection_mechanism", choices=SELECTION_MECHANISMS, default="gaussian",
+                        help="gaussian (σ_s, the paper's default), exponential (ε_s over --num_selected picks) or "
+                             "ptr (ε_s, δ_s), as select_salient.py.")
     parser.add_argument("--selection_noise_multiplier", type=float, default=None,
-                        help="σ_s of the saliency selection; absent (or with --no_selection) = no selection stage.")
+                        help="σ_s of a Gaussian selection; absent (or with --no_selection) = no selection stage.")
+    parser.add_argument("--selection_epsilon", type=float, default=None,
+                        help="ε_s of an exponential or PTR selection.")
+    parser.add_argument("--selection_delta", type=float, default=None,
+                        help="δ_s of a PTR selection (default 1/(10N)); training gets δ − δ_s.")
+    parser.add_argument("--num_selected", type=int, default=29,
+                        help="k, the exponential mechanism's number of picks (SD-v1.5: ⌈0.3·96⌉ = 29).")
     parser.add_argument("--no_selection", action="store_true", help="No selection stage (e.g. random mask, DP-LoRA).")
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="rdp (as the paper), prv or pld.")
     args = parser.parse_args(argv)
@@ -383,8 +491,9 @@ def main(argv=None):
     if args.dataset_size < 1 or not 1 <= args.train_batch_size <= args.dataset_size:
         parser.error("Need 1 <= --train_batch_size <= --dataset_size.")
     try:
-        selection = None if args.no_selection or args.selection_noise_multiplier is None else SelectionCost(
-            check_noise_multiplier(args.selection_noise_multiplier, "--selection_noise_multiplier"))
+        selection = None if args.no_selection else planned_selection(
+            args.selection_mechanism, noise_multiplier=args.selection_noise_multiplier, epsilon=args.selection_epsilon,
+            delta=args.selection_delta, num_picks=args.num_selected, dataset_size=args.dataset_size)
         ledger = PrivacyLedger.plan(
             dataset_size=args.dataset_size, expected_batch_size=args.train_batch_size, steps=args.max_train_steps,
             max_grad_norm=1.0, accountant=args.accountant, delta=args.target_delta,
@@ -394,8 +503,8 @@ def main(argv=None):
         parser.exit(2, f"error: {err}\n")
     spent = ledger.spent(ledger.total_steps)
     out = {"noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate, "steps": ledger.total_steps,
-           "dataset_size": args.dataset_size, "selection_noise_multiplier": None if selection is None else
-           selection.noise_multiplier, **spent.to_dict()}
+           "dataset_size": args.dataset_size, "selection": None if selection is None else asdict(selection),
+           **spent.to_dict()}
     json.dump(out, sys.stdout, indent=2)
     print()
 

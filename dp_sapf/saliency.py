@@ -1,7 +1,10 @@
-"""Candidate pools, the DP saliency query (one Gaussian mechanism), top-k selection and the mask JSON.
+"""Candidate pools, the private saliency selection, top-k and the mask JSON.
 
-docs/design.md §1: per-sample gradients of all candidate matrices are clipped jointly to C_s, averaged over the N
-samples, perturbed by N(0, (σ_s·C_s/N)² I) and scored by the norm of each noisy mean gradient.
+docs/design.md §1: per-sample gradients of all candidate matrices are clipped jointly to C_s and summed (one
+pass, `clipped_gradient_sums`). The paper's default mechanism adds N(0, (σ_s·C_s)² I) once and scores each
+matrix by its noisy mean gradient; the exponential mechanism and propose-test-release (the paper's §6.4) pick
+the top k from the exact scores instead and release only the picks. Scorers (App. D.1): grad_norm ‖G_m‖,
+fisher Σ_i‖ĝ_i,m‖², snip ‖θ_m ⊙ G_m‖₁; synflow and random read no data at all.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch.nn as nn
 
 MASK_FORMAT_VERSION = 1
 CANDIDATE_POOLS = ("attention_qkv", "attention_qkvo", "all_linear")
-SCORERS = ("grad_norm", "fisher", "random")
+SCORERS = ("grad_norm", "fisher", "snip", "synflow", "random")
+DATA_FREE_SCORERS = ("synflow", "random")  # read no private data: no mechanism, no privacy cost
+MECHANISMS = ("gaussian", "exponential", "ptr")
 GRANULARITIES = ("matrix", "layer")
 
 
@@ -86,45 +91,67 @@ def near_noise_floor(scores: dict[str, float], floor: dict[str, float], names: l
     return [n for n in names if scores[n] ** 2 < 2 * floor[n] ** 2]
 
 
-def rank_and_select(scores: dict[str, float], ratio: float, granularity: str, scorer: str = "grad_norm") -> list[str]:
-    """Top ⌈ρ·M⌉ matrices by score, or top ⌈ρ·L⌉ attention layers with all their matrices."""
+def selection_units(names: list[str], granularity: str) -> dict[str, list[str]]:
+    """What is ranked: each matrix alone, or each attention layer with its matrices."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"Unknown --granularity {granularity!r}; choose matrix or layer.")
-    if granularity == "matrix":
-        ranked = sorted(scores, key=lambda n: (-scores[n], n))
-        return sorted(ranked[: num_selected(ratio, len(ranked))], key=list(scores).index)
-    layers: dict[str, list[str]] = {}
-    for name in scores:
-        layers.setdefault(layer_of(name), []).append(name)
-    layer_scores = {layer: layer_score(scores, members, scorer) for layer, members in layers.items()}
-    ranked = sorted(layer_scores, key=lambda l: (-layer_scores[l], l))[: num_selected(ratio, len(layer_scores))]
-    return [name for name in scores if layer_of(name) in set(ranked)]
+    units: dict[str, list[str]] = {}
+    for name in names:
+        units.setdefault(name if granularity == "matrix" else layer_of(name), []).append(name)
+    return units
+
+
+def unit_scores(scores: dict[str, float], units: dict[str, list[str]], scorer: str) -> dict[str, float]:
+    """Each unit's score from its matrices' scores (a matrix unit keeps its own)."""
+    return {unit: scores[members[0]] if len(members) == 1 and unit == members[0] else
+            layer_score(scores, members, scorer) for unit, members in units.items()}
+
+
+def top_units(scores: dict[str, float], k: int) -> list[str]:
+    """The k highest scores, ties broken by name (deterministic: the PTR's stability argument relies on it)."""
+    return sorted(scores, key=lambda u: (-scores[u], u))[:k]
+
+
+def expand(units: dict[str, list[str]], chosen, names: list[str]) -> list[str]:
+    """The matrices of the chosen units, in the model's order."""
+    keep = {m for unit in chosen for m in units[unit]}
+    return [n for n in names if n in keep]
+
+
+def rank_and_select(scores: dict[str, float], ratio: float, granularity: str, scorer: str = "grad_norm") -> list[str]:
+    """Top ⌈ρ·M⌉ matrices by score, or top ⌈ρ·L⌉ attention layers with all their matrices."""
+    units = selection_units(list(scores), granularity)
+    per_unit = unit_scores(scores, units, scorer)
+    return expand(units, top_units(per_unit, num_selected(ratio, len(units))), list(scores))
 
 
 def layer_score(scores: dict[str, float], members: list[str], scorer: str = "grad_norm") -> float:
     """A layer's score from its matrices' scores, as if the layer's concatenated q/k/v block were scored.
 
-    grad_norm scores are norms of the noisy mean gradients: the block's norm is sqrt(Σ s²). fisher scores are
-    noisy sums of squared norms (possibly negative): the block's is Σ s (sqrt(Σ s²) would rank large
-    negative noise high).
+    grad_norm (and random) scores are norms of the noisy mean gradients: the block's norm is sqrt(Σ s²).
+    fisher, snip and synflow scores are sums over entries (fisher's are possibly negative): the block's is Σ s
+    (sqrt(Σ s²) would rank large negative noise high).
     """
-    if scorer == "fisher":
-        return sum(scores[m] for m in members)
-    return math.sqrt(sum(scores[m] ** 2 for m in members))
+    if scorer in ("grad_norm", "random"):
+        return math.sqrt(sum(scores[m] ** 2 for m in members))
+    return sum(scores[m] for m in members)
 
 
 @dataclass
 class SelectionResult:
-    """Noisy scores and the chosen matrices of one run of the mechanism."""
+    """What one run of the mechanism releases: the chosen matrices and, for the Gaussian mechanism, the noisy
+    scores (the exponential mechanism and PTR release only their picks: `scores` is empty)."""
 
     scores: dict[str, float]
     target_modules: list[str]
     num_samples: int
+    ranking: list[str] | None = None  # the exponential mechanism's units in pick order
+    ptr: dict | None = None  # the PTR test's public outcome
 
 
 def clipped_gradient_sums(loss_fn, modules: dict[str, nn.Linear], batches, *, max_grad_norm: float,
                           track_squared_norms: bool = False, accelerator=None, progress=None,
-                          compile: bool = False, ghost: str = "auto"):
+                          compile: bool = False, ghost: str = "auto", accumulate_dtype: torch.dtype = torch.float32):
     """Σ_i clip_{C_s}(g_i) over this process's samples, each g_i over all candidate weights jointly, summed over
     processes (the pre-noise query). `batches` yields (latents, hidden, noise, timesteps).
 
@@ -135,7 +162,8 @@ def clipped_gradient_sums(loss_fn, modules: dict[str, nn.Linear], batches, *, ma
     from .per_sample import ClippedGradientSum, LinearPerSampleHooks, accumulate_clipped
 
     weights = [m.weight for m in modules.values()]
-    clipped = ClippedGradientSum(weights, max_grad_norm, track_squared_norms=track_squared_norms, compile=compile)
+    clipped = ClippedGradientSum(weights, max_grad_norm, track_squared_norms=track_squared_norms, compile=compile,
+                                 accumulate_dtype=accumulate_dtype)
     scale = accelerator.num_processes if accelerator is not None else 1
     before = [w.requires_grad for w in weights]
     try:
@@ -152,51 +180,205 @@ def clipped_gradient_sums(loss_fn, modules: dict[str, nn.Linear], batches, *, ma
     return clipped
 
 
-def noisy_scores(clipped, names: list[str], *, scorer: str, noise_multiplier: float, dataset_size: int,
-                 noise_generator: torch.Generator) -> dict[str, float]:
+def noisy_scores(clipped, modules: dict[str, nn.Linear], *, scorer: str, noise_multiplier: float,
+                 dataset_size: int, noise_generator: torch.Generator) -> dict[str, float]:
     """Add the Gaussian noise once (identically on every rank) and score each candidate.
 
-    grad_norm: ‖G_m + N(0, (σ_s C_s)² I)‖ / N (the paper); fisher: (Σ_i ‖ĝ_{i,m}‖² + N(0, (σ_s C_s²)²)) / N,
-    a vector over the candidates whose per-sample contribution has L2 norm ≤ C_s² (the official code).
+    grad_norm: ‖G_m + N(0, (σ_s C_s)² I)‖ / N (the paper); snip: ‖θ_m ⊙ (G_m + same noise)‖₁ / N (post-processing of
+    the same query); fisher: (Σ_i ‖ĝ_{i,m}‖² + N(0, (σ_s C_s²)²)) / N, a vector over the candidates whose
+    per-sample contribution has L2 norm ≤ C_s² (the official code).
     """
-    if scorer == "grad_norm":
-        return {n: float(s.norm() / dataset_size)
-                for n, s in zip(names, clipped.noisy_sums(noise_multiplier, noise_generator))}
+    names = list(modules)
+    if scorer in ("grad_norm", "snip"):
+        noisy = clipped.noisy_sums(noise_multiplier, noise_generator)
+        return dict(zip(names, _gradient_scores(noisy, modules, scorer, dataset_size)))
     std = noise_multiplier * clipped.max_grad_norm ** 2
     noise = torch.randn(len(names), generator=noise_generator, device=noise_generator.device)
     values = ((clipped.squared_norm_sums.cpu() + std * noise.cpu()) / dataset_size).tolist()
     return dict(zip(names, values))
 
 
+def _gradient_scores(sums, modules: dict[str, nn.Linear], scorer: str, dataset_size: int) -> list[float]:
+    if scorer == "grad_norm":
+        return [float(s.norm() / dataset_size) for s in sums]
+    return [float((m.weight.float() * s.to(m.weight.device)).abs().sum() / dataset_size)
+            for s, m in zip(sums, modules.values())]
+
+
+def exact_scores(clipped, modules: dict[str, nn.Linear], scorer: str, dataset_size: int) -> dict[str, float]:
+    """Scores of the clipped sums WITHOUT noise: the exponential mechanism and PTR read them, nothing releases them."""
+    if scorer == "fisher":
+        return dict(zip(modules, (clipped.squared_norm_sums.cpu() / dataset_size).tolist()))
+    return dict(zip(modules, _gradient_scores(clipped.sums, modules, scorer, dataset_size)))
+
+
+FLOAT_MARGIN = 0.01
+
+
+def score_sensitivity(modules: dict[str, nn.Linear], units: dict[str, list[str]], scorer: str,
+                      max_grad_norm: float, dataset_size: int) -> float:
+    """Δ: the most one image (add/remove, N public) can move any unit's exact score, taken FLOAT_MARGIN wider.
+
+    One image adds ĝ_i/N with ‖ĝ_i‖ ≤ C_s over all candidates jointly, so: grad_norm, the norm of a block of the
+    mean, moves by ≤ C_s/N; fisher's Σ over a unit of ‖ĝ_i,m‖²/N by ≤ C_s²/N; snip's ‖θ_u ⊙ G_u‖₁ by
+    ≤ ‖θ_u‖₂·C_s/N (Cauchy-Schwarz), the largest over units. The 1% margin covers the rounding of the computed
+    scores, which PTR compares against Δ exactly: the sums are accumulated in float64 for these mechanisms, and
+    others' float32 per-sample gradients may differ by ~1e-7 relative when the micro-batches around an added
+    image change.
+    """
+    if scorer == "grad_norm":
+        bound = max_grad_norm / dataset_size
+    elif scorer == "fisher":
+        bound = max_grad_norm ** 2 / dataset_size
+    elif scorer == "snip":
+        bound = max(math.sqrt(sum(float(modules[m].weight.float().square().sum()) for m in members))
+                    for members in units.values()) * max_grad_norm / dataset_size
+    else:
+        raise ValueError(f"The scorer {scorer!r} has no sensitivity (data-free scorers need no mechanism).")
+    return bound * (1 + FLOAT_MARGIN)
+
+
+def exponential_top_k(scores: dict[str, float], k: int, *, sensitivity: float, epsilon: float,
+                      generator: torch.Generator) -> list[str]:
+    """k picks by the peeling exponential mechanism, each ∝ exp(ε₀·u/(2Δ)) with ε₀ = ε/k, run as one-shot Gumbel
+    top-k (Durfee & Rogers 2019: the same distribution over ordered picks). Returns the picks in order.
+
+    Each pick is ε₀-DP and ε₀-bounded-range; privacy.SelectionCost accounts the k picks.
+    """
+    units = list(scores)
+    u = torch.tensor([scores[n] for n in units], dtype=torch.float64)
+    uniform = torch.rand(len(units), generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-300, 1 - 1e-16)))
+    noisy = u + gumbel * (2 * sensitivity * k / epsilon)
+    order = torch.argsort(noisy, descending=True, stable=True)[:k]
+    return [units[i] for i in order.tolist()]
+
+
+def ptr_threshold(epsilon: float, delta: float) -> float:
+    """T such that P[1 + Lap(1/ε) > T] = δ: a dataset at distance ≤ 1 from instability passes w.p. ≤ δ."""
+    return 1 + math.log(1 / (2 * delta)) / epsilon
+
+
+def distance_to_instability(scores: dict[str, float], k: int, sensitivity: float) -> int:
+    """A lower bound on how many images must be added/removed before the top k can change: ⌈gap/(2Δ')⌉ with gap the
+    k-th minus the (k+1)-th score. Each image moves every score by ≤ Δ, so the gap by ≤ 2Δ: the bound changes by
+    ≤ 1 per image (sensitivity 1), and it is ≤ 1 wherever a neighbour has another top k."""
+    ranked = sorted(scores.values(), reverse=True)
+    if k >= len(ranked):
+        return 10 ** 9  # everything is kept: no dataset changes the outcome
+    return math.ceil((ranked[k - 1] - ranked[k]) / (2 * sensitivity))
+
+
+def ptr_top_k(scores: dict[str, float], k: int, *, sensitivity: float, epsilon: float, delta: float,
+              generator: torch.Generator) -> tuple[list[str] | None, dict]:
+    """Propose-test-release: the exact top k if the noisy distance to instability clears the threshold
+    (then (ε, δ)-DP: Vadhan 2017, Prop. 3.3), else None (⊥). Returns the picks and the public outcome."""
+    distance = distance_to_instability(scores, k, sensitivity)
+    uniform = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device)) - 0.5
+    laplace = -math.copysign(1.0, uniform) * math.log(max(1 - 2 * abs(uniform), 1e-300)) / epsilon
+    threshold = ptr_threshold(epsilon, delta)
+    passed = distance + laplace > threshold
+    return (top_units(scores, k) if passed else None), {"passed": bool(passed), "threshold": threshold}
+
+
 def select_salient(loss_fn, modules: dict[str, nn.Linear], batches, *, dataset_size: int, scorer: str,
                    noise_multiplier: float, max_grad_norm: float, ratio: float, granularity: str,
-                   noise_generator: torch.Generator, accelerator=None, progress=None,
-                   compile: bool = False, ghost: str = "auto") -> SelectionResult:
-    """Run the Gaussian saliency query over `batches` (this process's shard) and pick the top matrices.
+                   noise_generator: torch.Generator, mechanism: str = "gaussian", epsilon: float | None = None,
+                   delta: float | None = None, fallback_generator: torch.Generator | None = None,
+                   accelerator=None, progress=None, compile: bool = False, ghost: str = "auto") -> SelectionResult:
+    """Run the private selection over `batches` (this process's shard) and pick the top matrices.
 
     Every sample's gradient over all candidate weights is clipped jointly before anything is summed; sums are
-    reduced over processes; the noise is drawn once, identically on every rank, after the reduction.
+    reduced over processes; the mechanism's randomness (`noise_generator`, secret) is drawn once, identically
+    on every rank, after the reduction. A PTR that fails its test falls back to a random mask drawn from the
+    public `fallback_generator` (post-processing of ⊥).
     """
     if scorer not in SCORERS:
         raise ValueError(f"Unknown --scorer {scorer!r}; choose from {', '.join(SCORERS)}.")
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"Unknown --selection_mechanism {mechanism!r}; choose from {', '.join(MECHANISMS)}.")
     names = list(modules)
     if scorer == "random":  # reads no data: zero privacy cost
         scores = torch.rand(len(names), generator=noise_generator, device=noise_generator.device).tolist()
         scores = dict(zip(names, scores))
         return SelectionResult(scores, rank_and_select(scores, ratio, granularity, scorer), 0)
+    if scorer == "synflow":
+        raise ValueError("synflow reads no data: score it with saliency.synflow_scores and rank_and_select.")
     clipped = clipped_gradient_sums(loss_fn, modules, batches, max_grad_norm=max_grad_norm,
                                     track_squared_norms=scorer == "fisher", accelerator=accelerator,
-                                    progress=progress, compile=compile, ghost=ghost)
-    scores = noisy_scores(clipped, names, scorer=scorer, noise_multiplier=noise_multiplier,
-                          dataset_size=dataset_size, noise_generator=noise_generator)
-    return SelectionResult(scores, rank_and_select(scores, ratio, granularity, scorer), clipped.num_samples)
+                                    progress=progress, compile=compile, ghost=ghost,
+                                    accumulate_dtype=torch.float32 if mechanism == "gaussian" else torch.float64)
+    if mechanism == "gaussian":
+        scores = noisy_scores(clipped, modules, scorer=scorer, noise_multiplier=noise_multiplier,
+                              dataset_size=dataset_size, noise_generator=noise_generator)
+        return SelectionResult(scores, rank_and_select(scores, ratio, granularity, scorer), clipped.num_samples)
+    units = selection_units(names, granularity)
+    exact = unit_scores(exact_scores(clipped, modules, scorer, dataset_size), units, scorer)
+    k = num_selected(ratio, len(units))
+    sensitivity = score_sensitivity(modules, units, scorer, max_grad_norm, dataset_size)
+    if mechanism == "exponential":
+        picks = exponential_top_k(exact, k, sensitivity=sensitivity, epsilon=epsilon, generator=noise_generator)
+        return SelectionResult({}, expand(units, picks, names), clipped.num_samples, ranking=picks)
+    picks, outcome = ptr_top_k(exact, k, sensitivity=sensitivity, epsilon=epsilon, delta=delta,
+                               generator=noise_generator)
+    if picks is None:
+        fallback = dict(zip(units, torch.rand(len(units), generator=fallback_generator).tolist()))
+        picks = top_units(fallback, k)
+    return SelectionResult({}, expand(units, picks, names), clipped.num_samples, ptr=outcome)
+
+
+def synflow_scores(model: nn.Module, modules: dict[str, nn.Linear], forward) -> dict[str, float]:
+    """SynFlow (Tanaka et al. 2020): Σ θ ⊙ ∂R/∂θ over each matrix, R the summed output of the model with every
+    parameter replaced by |θ|, on the all-ones input `forward(model)` feeds it (float64 against overflow).
+
+    It reads the public weights and constants only, never an image: no mechanism and no privacy cost. It runs on
+    a copy, so the model itself is untouched.
+    """
+    import copy
+
+    twin = copy.deepcopy(model).double()
+    twin.requires_grad_(False)
+    for p in twin.parameters():
+        p.data.abs_()
+    weights = {name: twin.get_submodule(name).weight for name in modules}
+    for w in weights.values():
+        w.requires_grad_(True)
+    forward(twin).double().sum().backward()
+    return {name: float((w.detach() * w.grad).sum()) for name, w in weights.items()}
+
+
+def mask_privacy(*, scorer: str, mechanism: str, noise_multiplier: float, max_grad_norm: float,
+                 dataset_size: int | None, epsilon: float | None = None, delta: float | None = None,
+                 num_picks: int | None = None, sensitivity: float | None = None, ptr: dict | None = None) -> dict:
+    """The mask's privacy record (`privacy.SelectionCost.from_mask` reads it)."""
+    if scorer in DATA_FREE_SCORERS:
+        return {"mechanism": "none", "note": f"data-independent ({scorer} reads no images): no privacy cost",
+                "noise_multiplier": None, "max_grad_norm": None, "dataset_size": None}
+    record = {"mechanism": mechanism, "max_grad_norm": max_grad_norm, "dataset_size": dataset_size,
+              "neighbouring": "add/remove one image; N treated as public"}
+    if mechanism == "gaussian":
+        per_sample = "C_s" if scorer != "fisher" else "C_s^2"
+        record.update(
+            noise_multiplier=noise_multiplier,
+            sensitivity=f"{per_sample}/N = {max_grad_norm ** (2 if scorer == 'fisher' else 1)}/{dataset_size}",
+            noise_std=noise_multiplier * max_grad_norm ** (2 if scorer == "fisher" else 1) / dataset_size,
+            rdp="epsilon(alpha) = alpha / (2 * noise_multiplier**2), one release")
+        if noise_multiplier == 0:
+            record["note"] = "NOT private: sigma_s = 0 releases exact scores"
+        return record
+    record.update(noise_multiplier=None, epsilon=epsilon, score_sensitivity=sensitivity)
+    if mechanism == "exponential":
+        record.update(num_picks=num_picks, rdp="epsilon(alpha) = alpha * epsilon**2 / (8 * num_picks) "
+                      "(num_picks epsilon/num_picks-bounded-range picks); pure epsilon-DP")
+    else:
+        record.update(delta=delta, ptr=ptr, rdp="none: (epsilon, delta)-DP, composed by basic composition")
+    return record
 
 
 def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, granularity: str, ratio: float,
-               scorer: str, result: SelectionResult, seed: int | None, noise_multiplier: float,
-               max_grad_norm: float, dataset_size: int, class_names: list[str], class_prompts: list[str]) -> dict:
+               scorer: str, result: SelectionResult, seed: int | None, privacy_record: dict,
+               class_names: list[str], class_prompts: list[str]) -> dict:
     """The versioned mask record (schema in the README)."""
-    data_independent = scorer == "random"
     return {
         "format_version": MASK_FORMAT_VERSION,
         "base_model": base_model,
@@ -209,23 +391,11 @@ def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, gra
         "scorer": scorer,
         "target_modules": result.target_modules,
         "scores": result.scores,
+        "ranking": result.ranking,
         "seed": seed,
         "class_names": class_names,
         "class_prompts": class_prompts,
-        "privacy": {
-            "mechanism": "none (data-independent)" if data_independent else
-            "gaussian" if noise_multiplier > 0 else "none: NOT private (sigma_s = 0)",
-            "noise_multiplier": None if data_independent else noise_multiplier,
-            "max_grad_norm": None if data_independent else max_grad_norm,
-            "dataset_size": dataset_size,
-            "sensitivity": None if data_independent else
-            (f"C_s/N = {max_grad_norm}/{dataset_size}" if scorer == "grad_norm" else f"C_s^2/N = {max_grad_norm ** 2}/{dataset_size}"),
-            "noise_std": None if data_independent else
-            (noise_multiplier * max_grad_norm / dataset_size if scorer == "grad_norm"
-             else noise_multiplier * max_grad_norm ** 2 / dataset_size),
-            "neighbouring": "add/remove one image; N treated as public",
-            "rdp": "none" if data_independent else "epsilon(alpha) = alpha / (2 * noise_multiplier**2), one release",
-        },
+        "privacy": privacy_record,
     }
 
 
@@ -266,7 +436,7 @@ def check_mask(mask: dict, unet: nn.Module, dataset_size: int) -> None:
         raise ValueError(f"The saliency mask was made for another model (base_model {mask.get('base_model')!r}): "
                          "its candidate matrices do not match this UNet's. Rerun select_salient.py on this model.")
     size = mask["privacy"].get("dataset_size")
-    if mask["scorer"] != "random" and size != dataset_size:
+    if mask["scorer"] not in DATA_FREE_SCORERS and size != dataset_size:
         raise ValueError(f"The saliency mask was computed on N = {size} images but training data has N = "
                          f"{dataset_size}. Both stages must see the same dataset (check --max_train_samples).")
     unknown = set(mask["target_modules"]) - set(modules)
