@@ -178,12 +178,8 @@ def data_free_selection(args, parts, prompts, modules, device) -> saliency.Selec
         return saliency.select_salient(None, modules, (), dataset_size=0, scorer="random", noise_multiplier=0.0,
                                        max_grad_norm=1.0, ratio=args.select_ratio, granularity=args.granularity,
                                        noise_generator=seeded_generator(args.seed, "random-mask"))
-    latent_size = args.resolution // (2 ** (len(parts.vae.config.block_out_channels) - 1))
-    ones = torch.ones(1, parts.unet.config.in_channels, latent_size, latent_size, dtype=torch.float64, device=device)
-    hidden = torch.ones_like(modeling.encode_prompts(parts, prompts[:1], device), dtype=torch.float64)
-    timestep = torch.tensor([parts.noise_scheduler.config.num_train_timesteps // 2], device=device)
     scores = saliency.synflow_scores(parts.unet, modules,
-                                     lambda model: model(ones, timestep, hidden, return_dict=False)[0])
+                                     modeling.constant_input_forward(parts, prompts, args.resolution, device))
     return saliency.SelectionResult(scores, saliency.rank_and_select(scores, args.select_ratio, args.granularity,
                                                                      args.scorer), 0)
 

@@ -79,6 +79,17 @@ def encode_prompts(parts: PipelineParts, prompts: list[str], device) -> torch.Te
     return parts.text_encoder(ids, return_dict=False)[0]
 
 
+def constant_input_forward(parts: PipelineParts, prompts: list[str], resolution: int, device):
+    """`forward(model)` on all-ones latents and text states at a fixed public timestep, in float64: the input
+    SynFlow scores a model on (saliency.synflow_scores). Built from public quantities only."""
+    latent_size = resolution // (2 ** (len(parts.vae.config.block_out_channels) - 1))
+    latents = torch.ones(1, parts.unet.config.in_channels, latent_size, latent_size, dtype=torch.float64,
+                         device=device)
+    hidden = torch.ones_like(encode_prompts(parts, prompts[:1], device), dtype=torch.float64)
+    timestep = torch.tensor([parts.noise_scheduler.config.num_train_timesteps // 2], device=device)
+    return lambda model: model(latents, timestep, hidden, return_dict=False)[0]
+
+
 def per_sample_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                               noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Latent-diffusion MSE of each sample (shape (B,)): one loss per sample, never averaged across samples."""

@@ -20,6 +20,14 @@ a finished run writes its small JSON record to --results_dir. Methods:
   wo_lora           DP selection + DP-SGD on the selected matrices themselves (the paper's "w/o LoRA")
   dp_finetune       DP-SGD on every UNet parameter (opacus, fp32)
 
+and the variants of issue #15 (DP-SAPF with another selection, the same total ε; the exponential and PTR
+mechanisms spend --selection_share of it on the selection):
+
+  exponential_selection  the exponential mechanism (one-shot Gumbel top-k) instead of the Gaussian query
+  ptr_selection          propose-test-release of the exact top k (a random mask when its test fails)
+  snip_selection         the SNIP score ‖θ ⊙ G̃‖₁ of the same Gaussian query
+  synflow_selection      the data-free SynFlow score (no selection cost)
+
 at each ε of --epsilons; dp_sapf and dp_lora with every seed of --seeds, the others with the first; plus a ρ sweep
 of dp_sapf at the largest ε. Hyperparameters are the same for all DP methods (B, T, C, lr; see `settings`) and
 were chosen without looking at Fashion-MNIST test results (docs/results.md says how).
@@ -43,15 +51,19 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 METHODS = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
-           "dp_finetune")
+           "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection")
 MULTI_SEED = ("dp_sapf", "dp_lora")
 PRIVACY_FREE = ("no_finetune", "nonprivate_lora")  # one run each, whatever the ε
 SELECTION = {"dp_sapf": [], "random_selection": ["--scorer", "random"], "layer_selection": ["--granularity", "layer"],
-             "wo_lora": []}
+             "wo_lora": [], "exponential_selection": ["--selection_mechanism", "exponential"],
+             "ptr_selection": ["--selection_mechanism", "ptr"], "snip_selection": ["--scorer", "snip"],
+             "synflow_selection": ["--scorer", "synflow"]}
+EPSILON_SELECTIONS = ("exponential_selection", "ptr_selection")  # their --selection_epsilon is a share of the ε
 TRAINING = {"nonprivate_lora": ["--lora_target", "all_attention", "--no_dp"], "dp_sapf": [],
             "dp_lora": ["--lora_target", "all_attention"], "random_selection": [], "layer_selection": [],
             "wo_lora": ["--train_mode", "direct"],
-            "dp_finetune": ["--train_mode", "full", "--lora_target", "all_attention", "--mixed_precision", "no"]}
+            "dp_finetune": ["--train_mode", "full", "--lora_target", "all_attention", "--mixed_precision", "no"],
+            "exponential_selection": [], "ptr_selection": [], "snip_selection": [], "synflow_selection": []}
 COMPLETE = "complete"
 
 
@@ -72,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--rho_sweep", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.7],
                    help="ρ values of the dp_sapf sweep at the largest ε (empty: no sweep).")
     p.add_argument("--select_ratio", type=float, default=0.3, help="ρ of the main runs.")
+    p.add_argument("--selection_share", type=float, default=0.1,
+                   help="Fraction of the target ε the exponential and PTR selections spend (--selection_epsilon).")
     p.add_argument("--max_per_class", type=int, default=None, help="Fashion-MNIST train images per class (default all).")
     p.add_argument("--test_max_per_class", type=int, default=None, help="Test images per class (default all).")
     p.add_argument("--train_batch_size", type=int, default=4096, help="Expected logical batch B (paper 4096).")
@@ -170,7 +184,7 @@ def execute(run: dict, args) -> dict:
         wall["select"] = call(script("select_salient.py", *common, "--select_ratio", run["rho"],
                                      "--selection_batch_size", args.max_physical_batch_size,
                                      "--mixed_precision", args.mixed_precision, "--output", mask,
-                                     *SELECTION[method]), log)
+                                     *SELECTION[method], *selection_budget(run, args)), log)
     model_dir = os.path.join(folder, "model")
     if method != "no_finetune" and run_folder.read_status(model_dir) != COMPLETE:
         privacy = [] if run["epsilon"] is None else ["--target_epsilon", run["epsilon"]]
@@ -206,6 +220,11 @@ def execute(run: dict, args) -> dict:
             "--seed", run["seed"], "--cache_dir", os.path.join(args.work_dir, "fid_cache"),
             "--output_dir", os.path.join(folder, "eval")), log)
     return record(run, folder, wall, args)
+
+
+def selection_budget(run: dict, args) -> list:
+    """--selection_epsilon of the exponential and PTR variants: their share of the run's total ε."""
+    return ["--selection_epsilon", args.selection_share * run["epsilon"]] if run["method"] in EPSILON_SELECTIONS else []
 
 
 def record(run: dict, folder: str, wall: dict, args) -> dict:
@@ -259,7 +278,7 @@ def settings(args) -> dict:
                                           "num_synthetic", "sampling_steps", "guidance_scale", "classifier",
                                           "classifier_epochs", "classifier_depth", "classifier_width",
                                           "max_per_class", "fid_max_real", "mixed_precision", "quick",
-                                          "select_ratio")}
+                                          "select_ratio", "selection_share")}
     return {**out, "public_model": os.path.relpath(args.public_model, REPO), "how_chosen": HOW_CHOSEN}
 
 

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""How each saliency metric ranks the public model's candidates, against grad_norm (issue #15, App. D.1).
+
+    python experiments/scorer_overlap.py            # models/tiny-sd-mnist5k on 1,000 Fashion-MNIST images
+
+One pass over the data gives the exact (noise-free) clipped sums every data-dependent scorer reads: grad_norm
+‖G_m‖, fisher Σ_i‖ĝ_i,m‖², snip ‖θ_m ⊙ G_m‖₁; synflow reads no data. For each scorer: its exact top k against
+exact grad_norm's top k (overlap, Spearman correlation of all scores), then what the private selections keep of
+exact grad_norm's top k (mean over --repeats draws of the mechanism's randomness): the Gaussian query at σ_s and
+the exponential mechanism at ε_s. Writes a JSON record and a markdown table. Exact scores are computed here for
+measurement only; nothing of them is a release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+DATA_SCORERS = ("grad_norm", "fisher", "snip")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-mnist5k"), help="The public pipeline.")
+    p.add_argument("--data_dir", default=os.path.join(REPO, "runs", "scorer_overlap", "data"),
+                   help="Fashion-MNIST imagefolder (prepared here from Debian's package if absent).")
+    p.add_argument("--max_per_class", type=int, default=100, help="Train images per class (N = 10 × this).")
+    p.add_argument("--select_ratio", type=float, default=0.3, help="ρ: k = ⌈ρ·M⌉.")
+    p.add_argument("--selection_noise_multiplier", type=float, default=5.0, help="σ_s of the Gaussian rows.")
+    p.add_argument("--selection_epsilon", type=float, default=1.0, help="ε_s of the exponential rows.")
+    p.add_argument("--repeats", type=int, default=20, help="Draws of each mechanism's randomness.")
+    p.add_argument("--batch_size", type=int, default=50, help="Micro-batch of the pass (memory only).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the diffusion draws and of the mechanisms' draws.")
+    p.add_argument("--output", default=os.path.join(REPO, "results", "scorers", "overlap.json"),
+                   help="JSON record (not in results/ itself, where compare.py's run records live).")
+    p.add_argument("--markdown", default=os.path.join(REPO, "docs", "scorers.md"), help="The table page.")
+    return p.parse_args(argv)
+
+
+def overlap(a: list[str], b: list[str]) -> float:
+    return len(set(a) & set(b)) / len(b)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from scipy.stats import spearmanr
+
+    from dp_sapf import data, modeling, prepare_data, saliency
+    from dp_sapf.seeding import seeded_generator
+
+    if not os.path.isfile(os.path.join(args.data_dir, "dataset_info.json")):
+        prepare_data.prepare("fashion_mnist", args.data_dir, args.max_per_class, 1)
+    parser = argparse.ArgumentParser()
+    data.add_data_args(parser)
+    data_args = parser.parse_args(["--train_data_dir", args.data_dir, "--class_prompts", "fashion_mnist"])
+    class_names, prompts = data.resolve_classes(data_args.class_prompts, None, data_args.prompt_template)
+    images = data.load_labelled_images(data_args, "train", class_names=class_names)
+    n, device = len(images), torch.device("cpu")
+    parts = modeling.load_pipeline_parts(args.public_model)
+    modules = saliency.candidate_modules(parts.unet, "attention_qkv")
+    k = saliency.num_selected(args.select_ratio, len(modules))
+
+    cache = data.encode_latents(parts.vae, images, 32, random_flip=False, device=device, dtype=torch.float32)
+    batches = data.micro_batches(cache, modeling.encode_prompts(parts, prompts, device), torch.arange(n), rank=0,
+                                 world_size=1, micro_batch_size=args.batch_size,
+                                 num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps,
+                                 secret_seed=args.seed, stream=("selection",), device=device)
+    loss = modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler)
+    sums = saliency.clipped_gradient_sums(loss, modules, batches, max_grad_norm=1.0, track_squared_norms=True,
+                                          accumulate_dtype=torch.float64)
+    exact = {s: saliency.exact_scores(sums, modules, s, n) for s in DATA_SCORERS}
+    exact["synflow"] = saliency.synflow_scores(parts.unet, modules,
+                                               modeling.constant_input_forward(parts, prompts, 32, device))
+    reference = saliency.top_units(exact["grad_norm"], k)
+    units = saliency.selection_units(list(modules), "matrix")
+    rows = {}
+    for scorer, scores in exact.items():
+        row = {"exact_overlap": overlap(saliency.top_units(scores, k), reference),
+               "spearman": float(spearmanr([scores[m] for m in modules],
+                                           [exact["grad_norm"][m] for m in modules]).statistic)}
+        if scorer in DATA_SCORERS:
+            gauss, expo = [], []
+            sensitivity = saliency.score_sensitivity(modules, units, scorer, 1.0, n)
+            for r in range(args.repeats):
+                noisy = saliency.noisy_scores(sums, modules, scorer=scorer,
+                                              noise_multiplier=args.selection_noise_multiplier, dataset_size=n,
+                                              noise_generator=seeded_generator(args.seed, "overlap-noise", r))
+                gauss.append(overlap(saliency.top_units(noisy, k), reference))
+                picks = saliency.exponential_top_k(scores, k, sensitivity=sensitivity, epsilon=args.selection_epsilon,
+                                                   generator=seeded_generator(args.seed, "overlap-gumbel", r))
+                expo.append(overlap(picks, reference))
+            row.update(gaussian_overlap=sum(gauss) / len(gauss), exponential_overlap=sum(expo) / len(expo))
+        rows[scorer] = row
+    record = {"public_model": os.path.relpath(args.public_model, REPO), "dataset_size": n, "candidates": len(modules),
+              "k": k, "random_overlap_expected": k / len(modules), "settings": vars(args) | {
+                  "public_model": os.path.relpath(args.public_model, REPO), "data_dir": None, "output": None,
+                  "markdown": None},
+              "scorers": rows}
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(record, f, indent=2)
+    with open(args.markdown, "w") as f:
+        f.write(markdown(record, args))
+    print(json.dumps(rows, indent=2))
+
+
+def markdown(record: dict, args) -> str:
+    lines = [
+        "# Saliency metrics on the embedded public model",
+        "",
+        f"Written by `python experiments/scorer_overlap.py` (record: `results/scorers/overlap.json`). Public model "
+        f"`{record['public_model']}`, N = {record['dataset_size']} Fashion-MNIST training images, the "
+        f"{record['candidates']} q/k/v candidates, k = {record['k']} (ρ = {args.select_ratio}), C_s = 1.",
+        "",
+        "Overlap = the share of exact grad_norm's top k that a selection keeps (a random mask keeps "
+        f"{record['random_overlap_expected']:.2f} on average). *Exact* columns use noise-free scores (a measurement, "
+        f"not a release); the private columns average {args.repeats} draws of the Gaussian query at "
+        f"σ_s = {args.selection_noise_multiplier} (RDP α/{2 * args.selection_noise_multiplier ** 2:g}) and of the "
+        f"exponential mechanism at ε_s = {args.selection_epsilon} over k picks (RDP "
+        f"α/{8 * record['k'] / args.selection_epsilon ** 2:g}).",
+        "",
+        "| scorer | exact top-k overlap | Spearman vs grad_norm | Gaussian σ_s overlap | exponential ε_s overlap |",
+        "|---|---|---|---|---|",
+    ]
+    for scorer, row in record["scorers"].items():
+        private = (f"{row['gaussian_overlap']:.2f} | {row['exponential_overlap']:.2f}" if "gaussian_overlap" in row
+                   else "no cost (reads no data) | –")
+        lines.append(f"| {scorer} | {row['exact_overlap']:.2f} | {row['spearman']:.2f} | {private} |")
+    lines += ["", "The Gaussian query adds noise of norm about σ_s·C_s·√d_m/N to matrix m's score, so where the exact "
+              "scores lie below that level it favours the largest matrices whatever the data (docs/public_model.md); "
+              "the exponential mechanism's Gumbel noise is the same for every matrix, and fisher's Gaussian noise is "
+              "one scalar per matrix.",
+              "", "FORCE is not offered: its iterative re-scoring at growing sparsity needs a new private query per "
+              "iteration, and its one-shot first iteration is SNIP.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
