@@ -38,3 +38,17 @@ def test_results_name_matrices_the_same_way_for_every_block():
 
     assert short_name("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k") == "down1.0.attn2.k"
     assert short_name("mid_block.attentions.0.transformer_blocks.0.attn1.to_q") == "mid.0.attn1.q"
+
+
+def test_the_selection_variants_spend_the_same_total_epsilon():
+    """Issue #15's rows: each variant is DP-SAPF with another selection at every ε of the comparison; the exponential
+    and PTR selections spend --selection_share of that ε, the others their usual (or no) cost."""
+    from experiments import compare
+
+    args = compare.parse_args(["plan", "--epsilons", "1", "10", "--selection_share", "0.2", "--rho_sweep"])
+    runs = {r["name"]: r for r in compare.plan(args)}
+    for method in ("exponential_selection", "ptr_selection", "snip_selection", "synflow_selection"):
+        assert {f"{method}_eps1_seed0", f"{method}_eps10_seed0"} <= set(runs)
+    assert compare.selection_budget(runs["ptr_selection_eps10_seed0"], args) == ["--selection_epsilon", 2.0]
+    assert compare.selection_budget(runs["exponential_selection_eps1_seed0"], args) == ["--selection_epsilon", 0.2]
+    assert compare.selection_budget(runs["snip_selection_eps1_seed0"], args) == []

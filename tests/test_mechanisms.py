@@ -321,3 +321,20 @@ def test_mechanism_flags_fail_clearly(tiny_pipeline_dir, fashion_data_dir, tmp_p
     out = str(tmp_path / "mask.json")
     proc = run_script("select_salient.py", select_args(tiny_pipeline_dir, fashion_data_dir, out, *extra))
     assert proc.returncode == 2 and message in proc.stderr and not os.path.exists(out)
+
+
+def test_exponential_selection_two_processes_match_one_process(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    """The exact sums are reduced over processes (in float64) and the Gumbel draws come once from the shared secret
+    seed: 2 processes pick what 1 process picks, in the same order. ε_s is large so the scores, not only the draws,
+    decide the order."""
+    from helpers import accelerate_two_processes
+
+    one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
+    extra = ["--selection_mechanism", "exponential", "--selection_epsilon", "1000", "--selection_batch_size", "3",
+             "--dp_seed", "11"]
+    res = run_script("select_salient.py", select_args(tiny_pipeline_dir, fashion_data_dir, one, *extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = accelerate_two_processes("select_salient.py", select_args(tiny_pipeline_dir, fashion_data_dir, two, *extra),
+                                   tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.load(open(one))["ranking"] == json.load(open(two))["ranking"]
