@@ -144,7 +144,9 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
         f"train ({records[0]['num_real_train']} images), its test split for accuracy. δ = 1/N.",
         f"- Every DP method: B = {settings['train_batch_size']}, T = {settings['max_train_steps']}, C = 1, AdamW "
         f"lr {settings['learning_rate']}, LoRA rank {settings['rank']}, σ calibrated to the target ε with the "
-        "selection's cost (σ_s = 5) composed in. The paper's scale is B = 4096, T = 1000.",
+        "selection's cost composed in (Gaussian σ_s = 5; the exponential and PTR variants spend "
+        f"{settings.get('selection_share', 0.1):.0%} of the ε on the selection; SynFlow and random masks nothing). "
+        "The paper's scale is B = 4096, T = 1000.",
         f"- Synthetic sets: {settings['num_synthetic']} images, {settings['sampling_steps']} denoising steps, "
         f"guidance {settings['guidance_scale']}; FID against the sensitive train set; classifiers "
         f"({settings['classifier']}, {settings['classifier_epochs']} epochs) trained on the synthetic set, "
