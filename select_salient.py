@@ -75,8 +75,9 @@ def main(argv=None):
     device, weight_dtype = accelerator.device, modeling.weight_dtype_for(accelerator.mixed_precision)
     images = data.load_labelled_images(args, "train", class_names=class_names, max_samples=args.max_train_samples)
     parts = modeling.load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
+    modeling.backbones.check_resolution(parts, args.resolution)
     modeling.place(parts, device, weight_dtype)
-    modules = saliency.candidate_modules(parts.unet, args.candidate_pool)
+    modules = saliency.candidate_modules(parts.denoiser, args.candidate_pool)
     n = len(images)
     dp_seed = distributed.shared_secret_seed(accelerator, args.dp_seed)
     accelerator.print(f"Selecting {saliency.num_selected(args.select_ratio, len(modules))} of {len(modules)} "
@@ -96,7 +97,7 @@ def main(argv=None):
             num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
             stream=("selection",), device=device)
         progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
-    loss_fn = modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler, accelerator.autocast)
+    loss_fn = modeling.diffusion_loss_fn(parts.denoiser, parts.noise_scheduler, accelerator.autocast)
     with timings.stage("saliency_pass"):
         result = saliency.select_salient(
             loss_fn, modules, batches, dataset_size=n, scorer=args.scorer,
@@ -114,6 +115,7 @@ def main(argv=None):
         granularity=args.granularity, ratio=args.select_ratio, scorer=args.scorer, result=result, seed=args.seed,
         noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
         dataset_size=n, class_names=class_names, class_prompts=prompts)
+    mask["backbone"], mask["pipeline_class"] = parts.backbone.name, parts.backbone.pipeline_class
     if accelerator.is_main_process:
         saliency.write_mask(mask, args.output)
         summary = timings.summary()
