@@ -4,9 +4,10 @@
     accelerate launch sample.py --pretrained_model_name_or_path MODEL --lora_path dp-sapf-lora \
         --num_images_per_class 6000 --resolution 256 --output_resolution 32 --output_dir synthetic
 
-Class names and prompts come from the training run's privacy_report.json (or --class_prompts). Image k of
-class c always gets the same seed, so any process count gives the same images, and a rerun skips the images
-already written. Output: <output_dir>/<class>/<k>.png, metadata.jsonl and preview.png.
+The pipeline (StableDiffusionPipeline, StableDiffusion3Pipeline or DiTPipeline, whose class k is the list's
+class k) is read from the model folder. Class names and prompts come from the training run's
+privacy_report.json (or --class_prompts). Image k of class c always gets the same seed, so any process count
+gives the same images, and a rerun skips the images already written. Output: <output_dir>/<class>/<k>.png, metadata.jsonl and preview.png.
 """
 
 import argparse

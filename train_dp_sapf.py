@@ -8,7 +8,8 @@ DP-SGD: Poisson sampling with rate q = B/N; each sample's gradient over all trai
 jointly to C; clipped sums are added across processes; N(0, σ²C²) is added once per logical step, identically
 on every process; the sum is divided by the expected batch B. σ is the smallest value whose ε, composed with
 the mask's selection cost, meets the target. The output folder holds pytorch_lora_weights.safetensors
-(`pipe.load_lora_weights(output_dir)`), privacy_report.json and a model card.
+(`pipe.load_lora_weights(output_dir)`; a DiT's through peft, see the card), privacy_report.json and a model
+card. The backbone (SD U-Net, SD3 or DiT) is read from the model folder (dp_sapf/backbones.py).
 """
 
 import argparse

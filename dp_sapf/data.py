@@ -371,6 +371,9 @@ def micro_batches(cache: LatentCache, prompt_embeds, indices: torch.Tensor, *, r
                   stream: tuple, device, pad_to: int | None = None):
     """Yield (latents, conditioning, noise, timesteps) micro-batches of this rank's share of `indices`.
 
+    `prompt_embeds` is the per-class conditioning table of `modeling.encode_prompts` (CLIP states, SD3's
+    (embeds, pooled) tuple, or DiT's class ids); each sample gets its label's row.
+
     The per-sample randomness comes from `diffusion_draws` (secret, keyed per image), so a sample gets the
     same inputs whether it runs in 1 or several processes, in any micro-batch, and after a resume. The
     draws of the next micro-batch are made on a worker thread while the current one is on the device.
