@@ -4,9 +4,10 @@
     accelerate launch sample.py --pretrained_model_name_or_path MODEL --lora_path dp-sapf-lora \
         --num_images_per_class 6000 --resolution 256 --output_resolution 32 --output_dir synthetic
 
-Class names and prompts come from the training run's privacy_report.json (or --class_prompts). Image k of
-class c always gets the same seed, so any process count gives the same images, and a rerun skips the images
-already written. Output: <output_dir>/<class>/<k>.png, metadata.jsonl and preview.png.
+The pipeline (StableDiffusionPipeline, StableDiffusion3Pipeline or DiTPipeline, whose class k is the list's
+class k) is read from the model folder. Class names and prompts come from the training run's
+privacy_report.json (or --class_prompts). Image k of class c always gets the same seed, so any process count
+gives the same images, and a rerun skips the images already written. Output: <output_dir>/<class>/<k>.png, metadata.jsonl and preview.png.
 """
 
 import argparse
@@ -35,11 +36,13 @@ def parse_args(argv=None):
     p.add_argument("--num_images", type=int, default=None,
                    help="Total images, spread evenly over the classes (the first classes get one more when uneven).")
     p.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps.")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="Classifier-free guidance scale (default: the pipeline's own, 7.5 for SD, 7.0 for SD3, 4.0 "
+                        "for DiT).")
     p.add_argument("--resolution", type=int, default=None,
                    help="Sampling resolution (default: the training run's --resolution, else the model's own: the "
-                        "UNet's sample_size times the VAE's scale factor, e.g. 512 for SD-v1.5, 32 for the embedded "
-                        "default).")
+                        "denoiser's sample_size times the VAE's scale factor, e.g. 512 for SD-v1.5, 32 for the embedded "
+                        "default). A DiT samples at its own size only.")
     p.add_argument("--output_resolution", type=int, default=None,
                    help="Resize saved images to this size (LANCZOS), e.g. 32 for CIFAR-like data sampled at 256.")
     p.add_argument("--batch_size", type=int, default=16, help="Images per pipeline call on each process.")
@@ -47,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Weight dtype for sampling (default: accelerate's config).")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (faster on a GPU for large runs; the first batch compiles; the LoRA "
+                   help="torch.compile the denoiser (faster on a GPU for large runs; the first batch compiles; the LoRA "
                         "is fused into the base weights first).")
     p.add_argument("--output_dir", type=str, default="synthetic", help="Where the labelled images go.")
     args = p.parse_args(argv)
@@ -90,12 +93,12 @@ def main(argv=None):
     pipe = modeling.load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                   lora_path=args.lora_path, lora_scale=args.lora_scale, dtype=dtype)
     pipe.to(accelerator.device)
-    resolution = (args.resolution or (report or {}).get("resolution")
-                  or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    resolution = (args.resolution or (report or {}).get("resolution") or modeling.backbones.native_resolution(pipe))
     if args.compile:
         if args.lora_path:
-            pipe.fuse_lora()  # at the scale set above; one plain weight per layer: no adapter branches to trace
-        pipe.unet = torch.compile(pipe.unet)
+            modeling.backbones.fuse_lora(pipe)  # at the scale set above: no adapter branches to trace
+        name = "unet" if hasattr(pipe, "unet") else "transformer"
+        setattr(pipe, name, torch.compile(getattr(pipe, name)))
 
     jobs = [(c, k) for c in range(len(names)) for k in range(counts[c])]
     todo = [j for j in jobs if not os.path.isfile(image_path(args.output_dir, names[j[0]], j[1]))]
@@ -110,9 +113,9 @@ def main(argv=None):
         batch = mine[start:start + args.batch_size]
         generators = [torch.Generator(device=accelerator.device).manual_seed(args.seed * 1_000_003 + c * 10_007 + k)
                       for c, k in batch]  # one per image: the image does not depend on its batch or process
-        images = pipe([prompts[c] for c, _ in batch], num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale, height=resolution, width=resolution,
-                      generator=generators).images
+        images = modeling.backbones.generate(
+            pipe, class_ids=[c for c, _ in batch], prompts=[prompts[c] for c, _ in batch], generators=generators,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, resolution=resolution)
         for (c, k), image in zip(batch, images):
             if args.output_resolution and args.output_resolution != resolution:
                 image = image.resize((args.output_resolution, args.output_resolution), Image.Resampling.LANCZOS)

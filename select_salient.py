@@ -97,8 +97,9 @@ def main(argv=None):
     images = None if data_free else data.load_labelled_images(args, "train", class_names=class_names,
                                                                max_samples=args.max_train_samples)
     parts = modeling.load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
+    modeling.backbones.check_resolution(parts, args.resolution)
     modeling.place(parts, device, weight_dtype)
-    modules = saliency.candidate_modules(parts.unet, args.candidate_pool)
+    modules = saliency.candidate_modules(parts.denoiser, args.candidate_pool)
     n = None if data_free else len(images)
     delta = args.selection_delta if args.selection_delta is not None or n is None else privacy.default_selection_delta(n)
     dp_seed = distributed.shared_secret_seed(accelerator, args.dp_seed)
@@ -125,6 +126,7 @@ def main(argv=None):
         base_model=args.pretrained_model_name_or_path, modules=modules, pool=args.candidate_pool,
         granularity=args.granularity, ratio=args.select_ratio, scorer=args.scorer, result=result, seed=args.seed,
         privacy_record=privacy_record, class_names=class_names, class_prompts=prompts)
+    mask["backbone"], mask["pipeline_class"] = parts.backbone.name, parts.backbone.pipeline_class
     if accelerator.is_main_process:
         saliency.write_mask(mask, args.output)
         summary = timings.summary()
@@ -158,7 +160,7 @@ def private_selection(args, parts, images, prompts, modules, accelerator, dp_see
         num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
         stream=("selection",), device=device)
     progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
-    loss_fn = modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler, accelerator.autocast)
+    loss_fn = modeling.diffusion_loss_fn(parts.denoiser, parts.noise_scheduler, accelerator.autocast)
     result = saliency.select_salient(
         loss_fn, modules, batches, dataset_size=n, scorer=args.scorer, mechanism=args.selection_mechanism,
         noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
@@ -178,7 +180,7 @@ def data_free_selection(args, parts, prompts, modules, device) -> saliency.Selec
         return saliency.select_salient(None, modules, (), dataset_size=0, scorer="random", noise_multiplier=0.0,
                                        max_grad_norm=1.0, ratio=args.select_ratio, granularity=args.granularity,
                                        noise_generator=seeded_generator(args.seed, "random-mask"))
-    scores = saliency.synflow_scores(parts.unet, modules,
+    scores = saliency.synflow_scores(parts.denoiser, modules,
                                      modeling.constant_input_forward(parts, prompts, args.resolution, device))
     return saliency.SelectionResult(scores, saliency.rank_and_select(scores, args.select_ratio, args.granularity,
                                                                      args.scorer), 0)

@@ -8,7 +8,8 @@ DP-SGD: Poisson sampling with rate q = B/N; each sample's gradient over all trai
 jointly to C; clipped sums are added across processes; N(0, σ²C²) is added once per logical step, identically
 on every process; the sum is divided by the expected batch B. σ is the smallest value whose ε, composed with
 the mask's selection cost, meets the target. The output folder holds pytorch_lora_weights.safetensors
-(`pipe.load_lora_weights(output_dir)`), privacy_report.json and a model card.
+(`pipe.load_lora_weights(output_dir)`; a DiT's through peft, see the card), privacy_report.json and a model
+card. The backbone (SD U-Net, SD3 or DiT) is read from the model folder (dp_sapf/backbones.py).
 """
 
 import argparse
@@ -41,7 +42,7 @@ def parse_args(argv=None):
                         "every attention layer, no selection stage (the DP-LoRA baseline).")
     g.add_argument("--train_mode", choices=["lora", "direct", "full"], default="lora",
                    help="lora: train LoRA factors; direct: train the selected weight matrices themselves (the paper's "
-                        "'w/o LoRA'; with all_attention the DP-LDM baseline); full: every UNet parameter (DP-Finetune; "
+                        "'w/o LoRA'; with all_attention the DP-LDM baseline); full: every denoiser parameter (DP-Finetune; "
                         "slow and memory-hungry, per-sample gradients by opacus in fp32 only).")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank r.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: equal to --rank).")
@@ -63,7 +64,7 @@ def parse_args(argv=None):
                         "break the graph); opacus: GradSampleModule (fp32 only, any layer). auto: probes with "
                         "--compile, else hooks; opacus when a trainable tensor is outside nn.Linear (--train_mode full).")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (same result, ~1.6x the step throughput of eager on an H100). Every "
+                   help="torch.compile the denoiser (same result, ~1.6x the step throughput of eager on an H100). Every "
                         "micro-batch is padded to --max_physical_batch_size with zero-weight rows (zero loss, zero "
                         "gradient, nothing added to the clipped sum), so Poisson batches of any size reuse one graph.")
     g.add_argument("--allow_tf32", action="store_true",
@@ -120,7 +121,7 @@ def parse_args(argv=None):
     if args.lora_target == "mask" and not args.saliency_mask:
         p.error("--lora_target mask needs --saliency_mask (run select_salient.py), or use --lora_target all_attention.")
     if args.train_mode == "full" and args.saliency_mask:
-        p.error("--train_mode full trains every UNet parameter; drop --saliency_mask.")
+        p.error("--train_mode full trains every denoiser parameter; drop --saliency_mask.")
     for flag in ("train_batch_size", "max_physical_batch_size", "max_train_steps", "rank"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1.")
@@ -130,21 +131,19 @@ def parse_args(argv=None):
 
 
 def render_validation(args, parts, prompts, accelerator, step, weight_dtype):
-    """Images of the current (private) model for each prompt; post-processing of DP weights, so privacy-free."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=accelerator.unwrap_model(parts.unet), vae=parts.vae,
-        text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, safety_checker=None, requires_safety_checker=False,
-        revision=args.revision, variant=args.variant, dtype=weight_dtype)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [args.validation_prompt] if args.validation_prompt else prompts
+    """Images of the current (private) model for each class; post-processing of DP weights, so privacy-free."""
+    pipe = modeling.backbones.pipeline_from_parts(args.pretrained_model_name_or_path, parts,
+                                                  accelerator.unwrap_model(parts.denoiser), dtype=weight_dtype,
+                                                  revision=args.revision, variant=args.variant)
+    prompts = [args.validation_prompt] if args.validation_prompt and parts.backbone.uses_prompts else prompts
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     images = []
     with accelerator.autocast():
-        for prompt in prompts:
-            images += pipe([prompt] * args.num_validation_images, num_inference_steps=args.validation_inference_steps,
-                           generator=generator, height=args.resolution, width=args.resolution).images
+        for c, prompt in enumerate(prompts):
+            images += modeling.backbones.generate(
+                pipe, class_ids=[c] * args.num_validation_images, prompts=[prompt] * args.num_validation_images,
+                generators=generator, num_inference_steps=args.validation_inference_steps,
+                guidance_scale=None, resolution=args.resolution)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
@@ -175,8 +174,9 @@ def main(argv=None):
                          "sample rate q = B/N must be at most 1.")
     mask = saliency.read_mask(args.saliency_mask) if args.lora_target == "mask" and args.train_mode != "full" else None
     parts = modeling.load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
+    modeling.backbones.check_resolution(parts, args.resolution)
     if mask is not None:
-        saliency.check_mask(mask, parts.unet, n)
+        saliency.check_mask(mask, parts.denoiser, n)
 
     # 2. The budget: the mask's selection cost, and σ calibrated so that selection + training meet the target.
     ledger = privacy.PrivacyLedger.plan(
@@ -193,12 +193,12 @@ def main(argv=None):
     # 3. The trainable tensors and, for DP, the per-sample engine.
     modeling.place(parts, device, weight_dtype)
     target_modules = (list(mask["target_modules"]) if mask is not None else
-                      None if args.train_mode == "full" else list(saliency.candidate_modules(parts.unet, "attention_qkvo")))
-    named = modeling.make_trainable(parts.unet, args.train_mode, target_modules, args.rank, args.lora_alpha)
+                      None if args.train_mode == "full" else list(saliency.candidate_modules(parts.denoiser, "attention_qkvo")))
+    named = modeling.make_trainable(parts.denoiser, args.train_mode, target_modules, args.rank, args.lora_alpha)
     params = list(named.values())
-    model, engine = parts.unet, None
+    model, engine = parts.denoiser, None
     if private:
-        engine, model = per_sample.make_engine(args.per_sample_engine, parts.unet, params, compile=args.compile,
+        engine, model = per_sample.make_engine(args.per_sample_engine, parts.denoiser, params, compile=args.compile,
                                                mixed_precision=accelerator.mixed_precision,
                                                max_batch_size=args.max_physical_batch_size)
     if args.compile:
@@ -241,7 +241,7 @@ def main(argv=None):
         # 4. The loop: Poisson sample, per-sample draws, clipped sum, noise once, /B, optimizer step.
         epsilon_every = 1 if args.accountant == "rdp" else max(1, args.max_train_steps // 50)
         spent = ledger.epsilon_spent()
-        parts.unet.train()
+        parts.denoiser.train()
         progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
                         desc="DP-SGD" if private else "non-private", disable=not accelerator.is_main_process)
         timings.start_units()
@@ -274,7 +274,7 @@ def main(argv=None):
                                            ledger.state_dict(), dp_seed, args.seed, keep=args.checkpoints_total_limit)
             if args.validation_steps and (step + 1) % args.validation_steps == 0 and accelerator.is_main_process:
                 render_validation(args, parts, prompts, accelerator, step + 1, weight_dtype)
-                parts.unet.train()
+                parts.denoiser.train()
         progress.close()
         accelerator.wait_for_everyone()
 
@@ -294,7 +294,7 @@ def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask,
 
     The run's own timings go to run_status.json (never pushed: run times are not covered by the guarantee).
     """
-    unet = accelerator.unwrap_model(parts.unet)
+    denoiser = accelerator.unwrap_model(parts.denoiser)
     report = ledger.report(
         dataset_size=n, expected_batch_size=args.train_batch_size,
         target_epsilon=None if args.no_dp else args.target_epsilon, train_mode=args.train_mode,
@@ -303,16 +303,13 @@ def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask,
                                                              "select_ratio", "scorer", "num_selected",
                                                              "candidate_fingerprint", "target_modules")},
         base_model=args.pretrained_model_name_or_path, resolution=args.resolution, class_names=class_names,
-        class_prompts=prompts)
+        class_prompts=prompts, backbone=parts.backbone.name, pipeline_class=parts.backbone.pipeline_class)
     if args.train_mode == "lora":
-        modeling.save_lora(unet, args.output_dir)
+        modeling.save_lora(denoiser, args.output_dir)
     else:
-        from diffusers import StableDiffusionPipeline
-
-        StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, unet=unet, vae=parts.vae, text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer, safety_checker=None, requires_safety_checker=False,
-            revision=args.revision, variant=args.variant).save_pretrained(args.output_dir)
+        modeling.backbones.pipeline_from_parts(args.pretrained_model_name_or_path, parts, denoiser,
+                                               revision=args.revision, variant=args.variant
+                                               ).save_pretrained(args.output_dir)
     run_folder.write_json(args.output_dir, run_folder.REPORT_FILE, report)
     if mask is not None:
         saliency.write_mask(mask, os.path.join(args.output_dir, run_folder.MASK_FILE))
@@ -321,7 +318,8 @@ def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask,
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     hub.write_model_card(args.output_dir, repo_id=repo_id if args.push_to_hub else None,
                          base_model=args.pretrained_model_name_or_path, report=report, class_prompts=prompts,
-                         has_lora=args.train_mode == "lora", image_file=run_folder.GRID_FILE)
+                         has_lora=args.train_mode == "lora", image_file=run_folder.GRID_FILE,
+                         backbone=parts.backbone)
     summary = timings.summary()
     run_folder.write_status(args.output_dir, "complete", epsilon=report["epsilon"], delta=report["delta"],
                             timings=summary)

@@ -5,9 +5,11 @@
 # docs/benchmarks.md with the script/benchmark ratios and the paper recipe projected from script-level figures.
 #
 #   bash bench/bench_scripts.sh                        # GPU: SD-v1.5's architecture (random weights), 256 px, bf16
+#   ARCH=sd3-medium bash bench/bench_scripts.sh        # GPU: SD3-medium's MMDiT (no T5), 256 px, bf16
+#   ARCH=dit-xl bash bench/bench_scripts.sh            # GPU: DiT-XL/2 (its native 256 px only), bf16
 #   ARCH=tiny RES=32 N=200 B=100 PHYS=50 STEPS=4 MP=no bash bench/bench_scripts.sh runs/bench_tiny   # CPU smoke run
 #
-# Settings (environment): ARCH sd15|tiny, RES resolution, N images, B expected batch, PHYS micro-batch,
+# Settings (environment): ARCH sd15|tiny|sd3-medium|dit-xl|tiny-sd3|tiny-dit, RES resolution, N images, B expected batch, PHYS micro-batch,
 # STEPS logical steps per training row, MP mixed precision, SAMPLES images sampled, MARKDOWN output file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +43,7 @@ rm -rf "$OUT/synthetic"
 $LAUNCH sample.py --pretrained_model_name_or_path "$OUT/model" --lora_path "$OUT/train_dp" --num_images "$SAMPLES" \
   --batch_size "$PHYS" --num_inference_steps 10 --resolution "$RES" --mixed_precision "$MP" --output_dir "$OUT/synthetic"
 echo "== bench_step.py (same UNet, batch, precision)"
-latent=$((RES / 8)); [ "$ARCH" = tiny ] && latent=$((RES / 4))
+latent=$((RES / 8)); case $ARCH in tiny*) latent=$((RES / 4)) ;; esac
 $LAUNCH bench/bench_step.py --model "$ARCH" --pretrained_model_name_or_path "$OUT/model" --batch_size "$PHYS" \
   --latent_size "$latent" --mixed_precision "$MP" --compile --output_json "$OUT/bench_step.json" --markdown ""
 $PY bench/scripts_report.py "$OUT" --markdown "$MARKDOWN"

@@ -4,7 +4,9 @@
     python bench/bench_step.py --model tiny                        # CPU, the embedded default
     accelerate launch bench/bench_step.py --model sd15 --batch_size 64 --latent_size 32 --mixed_precision bf16
 
-`sd15` is a UNet built from the real SD-v1.5 config (random init: same architecture and cost, no download).
+`sd15` is a UNet built from the real SD-v1.5 config (random init: same architecture and cost, no download);
+`sd3-medium` / `dit-xl` are those transformers at random init, from a folder `python -m dp_sapf.tiny_pipeline` built.
+(Row names say "UNet" for every denoiser: bench/scripts_report.py reads them.)
 Every row calls the code the scripts run (`StepGradients`, `select_salient`), on synthetic latents.
 Writes JSON and appends a markdown table to --markdown (default docs/benchmarks.md).
 """
@@ -23,16 +25,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dp_sapf import distributed, modeling, per_sample, saliency  # noqa: E402
+from dp_sapf import backbones, distributed, modeling, per_sample, saliency  # noqa: E402
 from dp_sapf.seeding import seeded_generator  # noqa: E402
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny", help="Which UNet to time.")
+    p.add_argument("--model", choices=["tiny", "sd15", "tiny-dit", "tiny-sd3", "dit-xl", "sd3-medium"], default="tiny",
+                   help="Which denoiser to time: the architectures of `python -m dp_sapf.tiny_pipeline` (sd15 is built "
+                        "in memory; the others are loaded from --pretrained_model_name_or_path or built in a temp dir).")
     p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="For --model tiny: a pipeline folder (default: build the embedded default in a temp dir).")
+                   help="A pipeline folder of --model's architecture (default: build it in a temp dir).")
     p.add_argument("--batch_size", type=int, default=16, help="Samples per micro-batch.")
-    p.add_argument("--latent_size", type=int, default=None, help="Latent side (default: the UNet's sample_size).")
+    p.add_argument("--latent_size", type=int, default=None, help="Latent side (default: the denoiser's sample_size).")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="Autocast dtype.")
     p.add_argument("--select_ratio", type=float, default=0.3, help="Mask size for the LoRA rows.")
     p.add_argument("--steps", type=int, default=10, help="Timed steps per row.")
@@ -47,7 +51,7 @@ def parse_args():
 
 
 def load_models(args):
-    """(UNet, VAE, noise scheduler): SD-v1.5's architectures at random init, or a pipeline folder's."""
+    """(denoiser, VAE, noise scheduler): SD-v1.5's architectures at random init, or a pipeline folder's."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     if args.model == "sd15":
@@ -63,16 +67,32 @@ def load_models(args):
 
         from dp_sapf.tiny_pipeline import build_tiny_pipeline
 
-        path = build_tiny_pipeline(os.path.join(tempfile.mkdtemp(), "tiny-sd"))
+        path = build_tiny_pipeline(os.path.join(tempfile.mkdtemp(), args.model), architecture=args.model)
     parts = modeling.load_pipeline_parts(path)
-    return parts.unet, parts.vae, parts.noise_scheduler
+    return parts.denoiser, parts.vae, parts.noise_scheduler
+
+
+def synthetic_conditions(denoiser, batch, g):
+    """Random conditioning of the shapes the scripts feed each backbone (CLIP states; SD3 states + pooled, with
+    the 256 T5 positions; DiT class ids)."""
+    c, name = denoiser.config, backbones.of_model(denoiser).name
+    if name == "dit":
+        return torch.randint(0, c.num_embeds_ada_norm, (batch,), generator=g)
+    if name == "sd3":
+        return (torch.randn(batch, 77 + backbones.SD3_MAX_SEQUENCE_LENGTH, c.joint_attention_dim, generator=g),
+                torch.randn(batch, c.pooled_projection_dim, generator=g))
+    return torch.randn(batch, 77, c.cross_attention_dim, generator=g)
+
+
+def _to(x, device):
+    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
 
 def synthetic_batch(unet, batch, size, device, seed):
     g = torch.Generator().manual_seed(seed)
     c = unet.config
     shape = (batch, c.in_channels, size, size)
-    return [(torch.randn(shape, generator=g).to(device), torch.randn(batch, 77, c.cross_attention_dim, generator=g).to(device),
+    return [(torch.randn(shape, generator=g).to(device), _to(synthetic_conditions(unet, batch, g), device),
              torch.randn(shape, generator=g).to(device), torch.randint(0, 1000, (batch,), generator=g).to(device))]
 
 
@@ -202,13 +222,22 @@ def main():
         print(json.dumps({"rows": rows, "selection / plain": best / rows["plain fwd+bwd into all q/k/v"]["samples_per_s"]}))
         return
 
-    # one sampling step with classifier-free guidance (the UNet on a doubled batch)
+    # one sampling step with classifier-free guidance (the denoiser on a doubled batch)
     def sampling_step(model):
+        name = backbones.of_model(model).name
+
         @torch.no_grad()
         def run():
             lat, hid, _, ts = batches[0]
+            two = (lambda t: torch.cat([t, t]))
             with accelerator.autocast():
-                model(torch.cat([lat, lat]), torch.cat([ts, ts]), torch.cat([hid, hid]))
+                if name == "sd3":
+                    model(hidden_states=two(lat), timestep=two(ts).float(), encoder_hidden_states=two(hid[0]),
+                          pooled_projections=two(hid[1]))
+                elif name == "dit":
+                    model(two(lat), timestep=two(ts), class_labels=two(hid))
+                else:
+                    model(two(lat), two(ts), two(hid))
         return run
 
     rows["sampling: UNet step with guidance"] = timed(sampling_step(unet), args, device)
@@ -277,7 +306,7 @@ def main():
 
 
 def write_markdown(result, path):
-    lines = [f"\n## Step throughput: {result['model']} UNet on {result['device']}\n",
+    lines = [f"\n## Step throughput: {result['model']} denoiser on {result['device']}\n",
              f"{result['date']}; batch {result['batch_size']}, latents {result['latent_size']}x{result['latent_size']}, "
              f"mixed precision {result['mixed_precision']}, compile {result['compile']}; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + "\n",

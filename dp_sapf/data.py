@@ -283,6 +283,7 @@ class LatentCache:
     labels: torch.Tensor  # (N,)
     keys: torch.Tensor  # (N,) int64 `image_key` of each image
     scaling_factor: float
+    shift_factor: float = 0.0  # SD3's VAE: latents are (z - shift) * scale
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -292,7 +293,7 @@ class LatentCache:
         view = flips.clamp(max=self.mean.shape[1] - 1)
         mean = self.mean[indices, view].to(eps.device, torch.float32)
         std = self.std[indices, view].to(eps.device, torch.float32)
-        return (mean + std * eps) * self.scaling_factor
+        return (mean + std * eps - self.shift_factor) * self.scaling_factor
 
 
 @torch.no_grad()
@@ -326,7 +327,8 @@ def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip:
             means.append(dist.mean.float().cpu().unflatten(0, (views, -1)).transpose(0, 1))
             stds.append(dist.std.float().cpu().unflatten(0, (views, -1)).transpose(0, 1))
     return LatentCache(torch.cat(means), torch.cat(stds), torch.as_tensor(images.labels),
-                       torch.tensor(keys, dtype=torch.int64), float(vae.config.scaling_factor))
+                       torch.tensor(keys, dtype=torch.int64), float(vae.config.scaling_factor),
+                       float(getattr(vae.config, "shift_factor", None) or 0.0))
 
 
 def diffusion_draws(cache: LatentCache, indices: torch.Tensor, *, secret_seed: int, stream: tuple,
@@ -350,10 +352,27 @@ def diffusion_draws(cache: LatentCache, indices: torch.Tensor, *, secret_seed: i
     return choices % views, gaussians[:, 0], gaussians[:, 1], choices // views
 
 
-def micro_batches(cache: LatentCache, prompt_embeds: torch.Tensor, indices: torch.Tensor, *, rank: int,
+def select_conditions(table, labels: torch.Tensor):
+    """The per-class conditioning `table` (a tensor, or a tuple of tensors such as SD3's embeds + pooled) at
+    `labels`: one row per sample."""
+    if isinstance(table, (tuple, list)):
+        return tuple(select_conditions(t, labels) for t in table)
+    return table[labels.to(table.device)]
+
+
+def _pad_rows(x, missing: int):
+    if isinstance(x, tuple):
+        return tuple(_pad_rows(t, missing) for t in x)
+    return torch.cat([x, x.new_zeros((missing, *x.shape[1:]))])
+
+
+def micro_batches(cache: LatentCache, prompt_embeds, indices: torch.Tensor, *, rank: int,
                   world_size: int, micro_batch_size: int, num_train_timesteps: int, secret_seed: int,
                   stream: tuple, device, pad_to: int | None = None):
-    """Yield (latents, prompt states, noise, timesteps) micro-batches of this rank's share of `indices`.
+    """Yield (latents, conditioning, noise, timesteps) micro-batches of this rank's share of `indices`.
+
+    `prompt_embeds` is the per-class conditioning table of `modeling.encode_prompts` (CLIP states, SD3's
+    (embeds, pooled) tuple, or DiT's class ids); each sample gets its label's row.
 
     The per-sample randomness comes from `diffusion_draws` (secret, keyed per image), so a sample gets the
     same inputs whether it runs in 1 or several processes, in any micro-batch, and after a resume. The
@@ -378,7 +397,7 @@ def micro_batches(cache: LatentCache, prompt_embeds: torch.Tensor, indices: torc
             flips, eps, noise, timesteps = pending.result()
             pending = pool.submit(draws, chunks[k + 1]) if k + 1 < len(chunks) else None
             latents = cache.draw(idx, flips, eps.to(device))
-            hidden = prompt_embeds[cache.labels[idx].to(prompt_embeds.device)]
+            hidden = select_conditions(prompt_embeds, cache.labels[idx])
             batch = (latents, hidden, noise.to(device), timesteps.to(device))
             if pad_to is None:
                 yield batch
@@ -387,7 +406,7 @@ def micro_batches(cache: LatentCache, prompt_embeds: torch.Tensor, indices: torc
             if missing < 0:
                 raise ValueError(f"A micro-batch of {len(idx)} rows does not fit pad_to = {pad_to}.")
             weights = torch.cat([torch.ones(len(idx)), torch.zeros(missing)])
-            yield tuple(torch.cat([t, t.new_zeros((missing, *t.shape[1:]))]) for t in batch) + (weights,)
+            yield tuple(_pad_rows(t, missing) for t in batch) + (weights,)
 
 
 def image_grid(images: list, columns: int) -> Image.Image:

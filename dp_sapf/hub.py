@@ -72,31 +72,35 @@ def selection_summary(report: dict) -> str:
 
 
 def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, report: dict,
-                     class_prompts: list[str], has_lora: bool, image_file: str | None = None) -> str:
+                     class_prompts: list[str], has_lora: bool, image_file: str | None = None, backbone=None) -> str:
     """README.md in diffusers' format (`load_or_create_model_card` + `populate_model_card`) with DP metadata.
 
     `report` is the privacy report (`privacy.REPORT_FIELDS`). A non-private run says so in its title, text,
-    tags and metadata, and never carries the differential-privacy tag.
+    tags and metadata, and never carries the differential-privacy tag. `backbone` (`backbones.Backbone`, default
+    SD) names the pipeline class and picks the loading code: `pipe.load_lora_weights` or, for DiT, peft.
     """
+    from .backbones import BACKBONES, usage_snippet
+
     from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 
     private = bool(report["private"])
-    load = (f"pipe.load_lora_weights(\"{repo_id or output_dir}\")" if has_lora
-            else "# the folder is a full pipeline: load it with from_pretrained")
+    backbone = backbone or BACKBONES["sd"]
+    usage = usage_snippet(backbone, base_model, repo_id or output_dir, class_prompts[0], has_lora)
     title = (f"# DP-SAPF fine-tune of {base_model}" if private
              else f"# Non-private fine-tune of {base_model} (no differential privacy)")
     text = (f"{title}\n\n{_privacy_section(report, class_prompts)}\n"
-            "Class prompts:\n" + "".join(f"- {p}\n" for p in class_prompts) +
-            "\n## How to use\n```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n"
-            f"pipe = StableDiffusionPipeline.from_pretrained(\"{base_model}\")\n{load}\n"
-            f"image = pipe(\"{class_prompts[0]}\").images[0]\n```\n")
+            f"Backbone: `{backbone.pipeline_class}` ({backbone.denoiser_class}).\n\n"
+            + ("Class prompts:\n" if backbone.uses_prompts else "Classes (label k = DiT class id k):\n")
+            + "".join(f"- {p}\n" for p in class_prompts) + f"\n## How to use\n```python\n{usage}```\n")
     widget = [{"text": class_prompts[0], "output": {"url": image_file}}] if image_file else None
     # a repo id, never the folder: offline it falls back to the template (a local path is not a valid repo id)
     repo_name = repo_id or os.path.basename(os.path.abspath(output_dir))
     card = load_or_create_model_card(repo_id_or_path=repo_name, from_training=True,
                                      base_model=base_model, model_description=text,
                                      license="creativeml-openrail-m", widget=widget, inference=True)
-    tags = ["stable-diffusion", "text-to-image", "diffusers", "diffusers-training",
+    tags = {"sd": ["stable-diffusion", "text-to-image"], "sd3": ["sd3", "text-to-image"],
+            "dit": ["dit", "class-conditional-image-generation"]}[backbone.name]
+    tags += ["diffusers", "diffusers-training",
             "lora" if has_lora else "full-finetune"]
     tags += ["dp-sapf", "differential-privacy"] if private else ["not-differentially-private"]
     card = populate_model_card(card, tags=tags)

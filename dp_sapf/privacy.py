@@ -461,6 +461,7 @@ REPORT_FIELDS = {
     "train_mode": "lora | direct | full", "lora_target": "mask | all_attention", "rank": "LoRA rank",
     "mask": "the mask's public fields", "base_model": "the public model", "resolution": "training resolution",
     "class_names": "the public class list", "class_prompts": "one prompt per class",
+    "backbone": "sd | sd3 | dit", "pipeline_class": "the base pipeline's diffusers class",
 }
 
 

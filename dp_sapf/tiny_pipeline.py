@@ -2,6 +2,9 @@
 
     python -m dp_sapf.tiny_pipeline --output_dir runs/tiny-sd [--seed 0]
     python -m dp_sapf.tiny_pipeline --output_dir runs/sd15-random --architecture sd15   # benchmarks only
+    python -m dp_sapf.tiny_pipeline --output_dir runs/tiny-dit --architecture tiny-dit  # DiTPipeline, tests
+    python -m dp_sapf.tiny_pipeline --output_dir runs/tiny-sd3 --architecture tiny-sd3  # StableDiffusion3Pipeline
+    python -m dp_sapf.tiny_pipeline --output_dir runs/sd3 --architecture sd3-medium     # benchmarks only (also dit-xl)
 
 It is an ordinary diffusers folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json) that
 `StableDiffusionPipeline.from_pretrained` loads exactly as it loads SD-v1.5; only the sizes differ
@@ -79,7 +82,18 @@ SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  projection_dim=768, hidden_act="quick_gelu")
-ARCHITECTURES = ("tiny", "sd15")
+# DiT-XL/2 at 256 px and SD3-medium (its MMDiT, VAE and two CLIP encoders; no T5: the pipeline feeds zeros)
+DIT_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+              sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, pos_embed_max_size=192)
+SD3_VAE = dict(SD15_VAE, latent_channels=16, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+               use_quant_conv=False, use_post_quant_conv=False)
+SD3_CLIP_L = dict(SD15_TEXT)
+SD3_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  projection_dim=1280, hidden_act="gelu")
+ARCHITECTURES = ("tiny", "sd15", "tiny-dit", "dit-xl", "tiny-sd3", "sd3-medium")
 
 
 def build_components(seed: int = 0, architecture: str = "tiny") -> dict:
@@ -119,6 +133,64 @@ def build_components(seed: int = 0, architecture: str = "tiny") -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
+def _tiny_vae(seed: int, **factors):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+                         block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=32, **factors)
+
+
+def build_dit(seed: int = 0, architecture: str = "tiny-dit"):
+    """A DiTPipeline: DiT's ε + learned-σ transformer on the VAE's latents, linear β, DDIM sampler (as
+    facebook/DiT-XL-2-256 ships). tiny-dit: 4 blocks of width 32 on the tiny SD's 8x8 latents (12 q/k/v)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
+                              clip_sample=False, prediction_type="epsilon")
+    torch.manual_seed(seed)
+    if architecture == "dit-xl":
+        transformer = DiTTransformer2DModel(**DIT_XL)
+        vae = AutoencoderKL(**dict(SD15_VAE, sample_size=256))
+    else:
+        transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                            out_channels=8, num_layers=4, sample_size=8, patch_size=2)
+        vae = _tiny_vae(seed + 1)
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+def build_sd3(seed: int = 0, architecture: str = "tiny-sd3"):
+    """A StableDiffusion3Pipeline without T5: MMDiT, VAE with shift/scale, two CLIP encoders with projection,
+    rectified-flow scheduler (shift 3). tiny-sd3: 4 joint blocks of width 32 on 8x8x4 latents (12 q/k/v)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    text = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=CLIP_BOS, eos_token_id=CLIP_EOS,
+                pad_token_id=CLIP_EOS)
+    torch.manual_seed(seed)
+    if architecture == "sd3-medium":
+        from diffusers import AutoencoderKL
+
+        transformer, vae = SD3Transformer2DModel(**SD3_MEDIUM), AutoencoderKL(**SD3_VAE)
+        configs = (SD3_CLIP_L, SD3_CLIP_G)
+    else:
+        transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+                                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                            caption_projection_dim=32, pooled_projection_dim=64)
+        vae = _tiny_vae(seed + 1, scaling_factor=1.5305, shift_factor=0.0609)
+        small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+        configs = (small, small)
+    encoders = []
+    for k, config in enumerate(configs):
+        torch.manual_seed(seed + 2 + k)
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**text, **config)))
+    tokenizer = clip_tokenizer()
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+
+
 def clip_tokenizer():
     """The real CLIP tokenizer (49408 entries), built offline from open_clip's vocabulary file."""
     from transformers import CLIPTokenizer
@@ -136,10 +208,15 @@ def save_pipeline(components: dict, output_dir: str, extra_files: dict[str, str]
     fp32, not fp16: under transformers 5 `from_pretrained` would load an fp16 text encoder as fp16."""
     from diffusers import StableDiffusionPipeline
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
     pipe = StableDiffusionPipeline(**components, tokenizer=clip_tokenizer(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    return save_pipeline_object(pipe, output_dir, extra_files)
+
+
+def save_pipeline_object(pipe, output_dir: str, extra_files: dict[str, str] | None = None) -> str:
+    """`pipe.save_pretrained` (fp32 safetensors) into a staging folder, then an atomic rename to `output_dir`."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
         staged = os.path.join(tmp, "pipeline")
         pipe.save_pretrained(staged, safe_serialization=True)
@@ -153,6 +230,10 @@ def save_pipeline(components: dict, output_dir: str, extra_files: dict[str, str]
 
 def build_tiny_pipeline(output_dir: str, seed: int = 0, architecture: str = "tiny") -> str:
     """Write the complete pipeline folder, weights from seeded configs."""
+    if architecture in ("tiny-dit", "dit-xl"):
+        return save_pipeline_object(build_dit(seed, architecture), output_dir)
+    if architecture in ("tiny-sd3", "sd3-medium"):
+        return save_pipeline_object(build_sd3(seed, architecture), output_dir)
     return save_pipeline(build_components(seed, architecture), output_dir)
 
 
@@ -162,10 +243,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="tiny",
                         help="tiny: the embedded default's architecture; sd15: SD-v1.5's (random weights, ~4 GB; "
-                             "for benchmarks of the real scripts at full scale).")
+                             "for benchmarks of the real scripts at full scale); tiny-dit / tiny-sd3: small DiTPipeline / "
+                             "StableDiffusion3Pipeline folders (32 px, tests); dit-xl: DiT-XL/2 at 256 px; sd3-medium: "
+                             "SD3-medium without T5 (random weights, ~12 GB fp32; benchmarks).")
     args = parser.parse_args(argv)
     build_tiny_pipeline(args.output_dir, args.seed, args.architecture)
-    print(f"Wrote a Stable Diffusion pipeline to {args.output_dir}")
+    print(f"Wrote a {args.architecture} pipeline to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,17 @@ def fashion_data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "fashion")
     prepare_data.prepare("fashion_mnist", path, max_per_class=4, test_max_per_class=2)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dirs(tmp_path_factory):
+    """The transformer backbones' tiny folders (DiTPipeline, StableDiffusion3Pipeline), built on first use."""
+    built = {}
+
+    def get(architecture: str) -> str:
+        if architecture not in built:
+            built[architecture] = tiny_pipeline.build_tiny_pipeline(
+                str(tmp_path_factory.mktemp("model") / architecture), seed=0, architecture=architecture)
+        return built[architecture]
+
+    return get
