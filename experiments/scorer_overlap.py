@@ -64,7 +64,7 @@ def main(argv=None):
     images = data.load_labelled_images(data_args, "train", class_names=class_names)
     n, device = len(images), torch.device("cpu")
     parts = modeling.load_pipeline_parts(args.public_model)
-    modules = saliency.candidate_modules(parts.unet, "attention_qkv")
+    modules = saliency.candidate_modules(parts.denoiser, "attention_qkv")
     k = saliency.num_selected(args.select_ratio, len(modules))
 
     cache = data.encode_latents(parts.vae, images, 32, random_flip=False, device=device, dtype=torch.float32)
@@ -72,11 +72,11 @@ def main(argv=None):
                                  world_size=1, micro_batch_size=args.batch_size,
                                  num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps,
                                  secret_seed=args.seed, stream=("selection",), device=device)
-    loss = modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler)
+    loss = modeling.diffusion_loss_fn(parts.denoiser, parts.noise_scheduler)
     sums = saliency.clipped_gradient_sums(loss, modules, batches, max_grad_norm=1.0, track_squared_norms=True,
                                           accumulate_dtype=torch.float64)
     exact = {s: saliency.exact_scores(sums, modules, s, n) for s in DATA_SCORERS}
-    exact["synflow"] = saliency.synflow_scores(parts.unet, modules,
+    exact["synflow"] = saliency.synflow_scores(parts.denoiser, modules,
                                                modeling.constant_input_forward(parts, prompts, 32, device))
     reference = saliency.top_units(exact["grad_norm"], k)
     units = saliency.selection_units(list(modules), "matrix")

@@ -338,3 +338,20 @@ def test_exponential_selection_two_processes_match_one_process(tiny_pipeline_dir
                                    tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.load(open(one))["ranking"] == json.load(open(two))["ranking"]
+
+
+@pytest.mark.parametrize("architecture", ["tiny-dit", "tiny-sd3"])
+def test_synflow_and_the_exponential_mechanism_on_transformer_backbones(tiny_backbone_dirs, fashion_data_dir, tmp_path,
+                                                                         architecture):
+    """The same flags on a DiT (class labels) and an SD3 transformer (joint attention): SynFlow feeds each its own
+    constant input, the exponential mechanism reads its candidates' exact scores."""
+    model = tiny_backbone_dirs(architecture)
+    for extra in (["--scorer", "synflow"], ["--selection_mechanism", "exponential", "--selection_epsilon", "2"]):
+        out = str(tmp_path / f"{extra[1]}.json")
+        proc = run_script("select_salient.py", select_args(model, fashion_data_dir, out, *extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        mask = json.load(open(out))
+        assert mask["backbone"] == architecture.split("-")[1] and len(mask["target_modules"]) == 4
+    assert mask["privacy"]["mechanism"] == "exponential" and len(mask["ranking"]) == 4
+    synflow = json.load(open(tmp_path / "synflow.json"))
+    assert all(math.isfinite(s) for s in synflow["scores"].values()) and len(set(synflow["scores"].values())) > 1
