@@ -77,6 +77,11 @@ def parse_args(argv=None):
                                                        and math.isfinite(args.selection_epsilon)
                                                        and args.selection_epsilon > 0):
         parser.error(f"--selection_mechanism {args.selection_mechanism} needs --selection_epsilon > 0 (finite).")
+    if args.selection_mechanism == "gaussian" and args.selection_epsilon is not None:
+        parser.error("--selection_epsilon sets the exponential or PTR mechanism's budget; the Gaussian one is set by "
+                     "--selection_noise_multiplier (σ_s). Add --selection_mechanism exponential|ptr.")
+    if args.selection_delta is not None and args.selection_mechanism != "ptr":
+        parser.error("--selection_delta is PTR's δ_s: it needs --selection_mechanism ptr.")
     if args.selection_delta is not None and not 0 < args.selection_delta < 1:
         parser.error("--selection_delta must be in (0, 1).")
     if (args.selection_noise_multiplier == 0 and args.selection_mechanism == "gaussian"

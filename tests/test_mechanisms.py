@@ -316,6 +316,9 @@ def test_exponential_and_ptr_masks_release_no_scores_and_train_composes_them(tin
     (["--selection_mechanism", "exponential"], "needs --selection_epsilon"),
     (["--selection_mechanism", "ptr", "--selection_epsilon", "1", "--selection_delta", "2"], "--selection_delta"),
     (["--scorer", "synflow", "--selection_mechanism", "exponential", "--selection_epsilon", "1"], "reads no data"),
+    (["--selection_epsilon", "1"], "--selection_noise_multiplier"),
+    (["--selection_mechanism", "exponential", "--selection_epsilon", "1", "--selection_delta", "1e-6"], "needs "
+     "--selection_mechanism ptr"),
 ])
 def test_mechanism_flags_fail_clearly(tiny_pipeline_dir, fashion_data_dir, tmp_path, extra, message):
     out = str(tmp_path / "mask.json")
