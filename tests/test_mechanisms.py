@@ -50,7 +50,8 @@ def test_exponential_rdp_equals_dp_accounting_zcdp_picks(n, batch, steps, sigma)
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_ptr_adds_its_epsilon_and_takes_its_delta_from_training(accountant):
-    n, q, steps, sigma, delta = 45000, 4096 / 45000, 1000, 1.7, 1 / 45000
+    n, steps, sigma = 45000, 1000, 1.7
+    q, delta = 4096 / n, 1 / n
     ours = privacy.compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta, selection=PTR,
                                    accountant=accountant)
     if accountant == "rdp":
