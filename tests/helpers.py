@@ -46,3 +46,23 @@ def lora_tensors(out):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def write_fake_corpus(directory, n=12, seed=0):
+    """A built-corpus folder (dp_sapf/public_corpus.py's format) of n random 32-px images, a third of them digits."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(directory, "images", "x"), exist_ok=True)
+    with open(os.path.join(directory, "metadata.jsonl"), "w") as f:
+        for i in range(n):
+            name = f"images/x/{i:05d}.png"
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(directory, name))
+            digit = i % 3 == 0
+            f.write(json.dumps({"file_name": name, "source": "mnist5k" if digit else "openclipart", "category": "x",
+                                "origin": str(i), "text": f"An image of a handwritten digit {i % 10}" if digit
+                                else f"An image of a red thing number {i}"}) + "\n")
+    return directory
