@@ -11,7 +11,6 @@ gives the same images, and a rerun skips the images already written. Output: <ou
 """
 
 import argparse
-import json
 import os
 
 import torch
@@ -127,28 +126,14 @@ def main(argv=None):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_index(args, names, prompts, counts)
+        data.write_synthetic_index(args.output_dir, names, prompts, counts)
+        print(f"Wrote {sum(counts)} images to {args.output_dir} (preview.png, metadata.jsonl)")
         if mine:
             summary = timings.summary(unit="batch", items="images")
             run_folder.write_json(args.output_dir, "timings.json", {**summary, "batch_size": args.batch_size,
                                                                     "num_inference_steps": args.num_inference_steps,
                                                                     "processes": accelerator.num_processes})
     distributed.finish(accelerator)
-
-
-def write_index(args, names, prompts, counts):
-    """metadata.jsonl (file, label, class, prompt) and a preview grid of up to 8 images per class."""
-    with open(os.path.join(args.output_dir, "metadata.jsonl"), "w") as f:
-        for c, (name, prompt) in enumerate(zip(names, prompts)):
-            for k in range(counts[c]):
-                f.write(json.dumps({"file_name": f"{name}/{k:05d}.png", "label": c, "class_name": name,
-                                    "prompt": prompt}) + "\n")
-    columns = min(8, max(counts))
-    cells = [Image.open(image_path(args.output_dir, name, k)) if k < counts[c] else None
-             for c, name in enumerate(names) for k in range(columns)]
-    grid = data.image_grid(cells, columns)
-    grid.save(os.path.join(args.output_dir, "preview.png"))
-    print(f"Wrote {sum(counts)} images to {args.output_dir} (preview.png, metadata.jsonl)")
 
 
 if __name__ == "__main__":

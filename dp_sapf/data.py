@@ -419,3 +419,17 @@ def image_grid(images: list, columns: int) -> Image.Image:
         if im is not None:
             grid.paste(im.convert("RGB"), ((i % columns) * w, (i // columns) * h))
     return grid
+
+
+def write_synthetic_index(output_dir: str, names: list[str], prompts: list[str], counts: list[int]) -> None:
+    """A labelled synthetic folder's metadata.jsonl (file, label, class, prompt) and preview.png (up to 8 images
+    per class); the images are <output_dir>/<class>/<k:05d>.png (sample.py's and private_evolution.py's format)."""
+    with open(os.path.join(output_dir, "metadata.jsonl"), "w") as f:
+        for c, (name, prompt) in enumerate(zip(names, prompts)):
+            for k in range(counts[c]):
+                f.write(json.dumps({"file_name": f"{name}/{k:05d}.png", "label": c, "class_name": name,
+                                    "prompt": prompt}) + "\n")
+    columns = min(8, max(counts))
+    cells = [Image.open(os.path.join(output_dir, name, f"{k:05d}.png")) if k < counts[c] else None
+             for c, name in enumerate(names) for k in range(columns)]
+    image_grid(cells, columns).save(os.path.join(output_dir, "preview.png"))
