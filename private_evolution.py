@@ -38,9 +38,10 @@ from dp_sapf.seeding import seeded_generator
 
 STATE_DIR = "pe_state"
 # flags that make a resumed run a different run
-RECIPE_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "max_train_samples", "num_images_per_class", "iterations", "strength_start",
-                "strength_end", "count_threshold", "num_inference_steps", "guidance_scale", "resolution",
-                "output_resolution", "embedding", "class_prompts", "class_names", "prompt_template")
+RECIPE_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "max_train_samples",
+                "num_images_per_class", "iterations", "strength_start", "strength_end", "count_threshold",
+                "num_inference_steps", "guidance_scale", "resolution", "output_resolution", "embedding",
+                "class_prompts", "class_names", "prompt_template")
 
 
 def parse_args(argv=None):

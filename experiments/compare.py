@@ -28,6 +28,11 @@ mechanisms spend --selection_share of it on the selection):
   snip_selection         the SNIP score ‖θ ⊙ G̃‖₁ of the same Gaussian query
   synflow_selection      the data-free SynFlow score (no selection cost)
 
+and the fine-tuning-free baseline:
+
+  pe                Private Evolution (private_evolution.py): the public model's text-to-image and image-to-image
+                    APIs, guided by T noisy nearest-neighbour vote histograms; no training at all
+
 at each ε of --epsilons; dp_sapf and dp_lora with every seed of --seeds, the others with the first; plus a ρ sweep
 of dp_sapf at the largest ε. Hyperparameters are the same for all DP methods (B, T, C, lr; see `settings`) and
 were chosen without looking at Fashion-MNIST test results (docs/results.md says how).
@@ -51,7 +56,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 METHODS = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
-           "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection")
+           "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "pe")
 MULTI_SEED = ("dp_sapf", "dp_lora")
 PRIVACY_FREE = ("no_finetune", "nonprivate_lora")  # one run each, whatever the ε
 SELECTION = {"dp_sapf": [], "random_selection": ["--scorer", "random"], "layer_selection": ["--granularity", "layer"],
@@ -97,6 +102,12 @@ def parse_args(argv=None):
     p.add_argument("--sampling_steps", type=int, default=25, help="Denoising steps of sample.py.")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="Guidance scale of sample.py.")
     p.add_argument("--sample_batch_size", type=int, default=500, help="sample.py --batch_size.")
+    p.add_argument("--pe_iterations", type=int, default=5, help="pe: PE iterations T (private_evolution.py --iterations).")
+    p.add_argument("--pe_strength_start", type=float, default=0.8, help="pe: image-to-image strength of the first variation.")
+    p.add_argument("--pe_strength_end", type=float, default=0.4, help="pe: strength of the last variation.")
+    p.add_argument("--pe_count_threshold", type=float, default=None, help="pe: vote threshold H (default 2σ).")
+    p.add_argument("--pe_embedding", choices=["inception", "pixels"], default="inception",
+                   help="pe: the embedding the votes use (private_evolution.py --embedding).")
     p.add_argument("--classifier", choices=["wrn", "resnet", "all"], default="all", help="evaluate.py --classifier.")
     p.add_argument("--classifier_epochs", type=int, default=50, help="evaluate.py --epochs.")
     p.add_argument("--classifier_depth", type=int, default=None, help="evaluate.py --classifier_depth (default WRN-28 / ResNet-164).")
@@ -117,7 +128,8 @@ def parse_args(argv=None):
         quick = dict(max_per_class=30, test_max_per_class=10, train_batch_size=100, max_physical_batch_size=100,
                      max_train_steps=8, num_synthetic=30, sampling_steps=5, sample_batch_size=30, classifier="wrn",
                      classifier_epochs=1, classifier_depth=10, classifier_width=1, epsilons=[10.0], seeds=[0],
-                     rho_sweep=[], methods=[m for m in args.methods if m in ("no_finetune", "dp_sapf", "dp_lora")])
+                     rho_sweep=[], pe_iterations=2, pe_embedding="pixels",
+                     methods=[m for m in args.methods if m in ("no_finetune", "dp_sapf", "dp_lora", "pe")])
         for key, value in quick.items():
             setattr(args, key, value)
     args.data_dir = args.data_dir or os.path.join(args.work_dir, "data")
@@ -180,13 +192,23 @@ def execute(run: dict, args) -> dict:
               "--resolution", 32, "--class_prompts", "fashion_mnist", "--seed", run["seed"]]
     mask = os.path.join(folder, "mask.json")
     method = run["method"]
+    synthetic = os.path.join(folder, "synthetic")
+    if method == "pe" and run_folder.read_status(synthetic) != COMPLETE:
+        wall["pe"] = call(script(
+            "private_evolution.py", *common, "--num_images_per_class", max(1, args.num_synthetic // 10), "--iterations", args.pe_iterations,
+            "--strength_start", args.pe_strength_start, "--strength_end", args.pe_strength_end,
+            *(["--count_threshold", args.pe_count_threshold] if args.pe_count_threshold is not None else []),
+            "--embedding", args.pe_embedding, "--target_epsilon", run["epsilon"],
+            "--num_inference_steps", args.sampling_steps, "--guidance_scale", args.guidance_scale,
+            "--output_resolution", 28, "--batch_size", args.sample_batch_size,
+            "--cache_dir", os.path.join(args.work_dir, "fid_cache"), "--output_dir", synthetic), log)
     if method in SELECTION and not os.path.isfile(mask):
         wall["select"] = call(script("select_salient.py", *common, "--select_ratio", run["rho"],
                                      "--selection_batch_size", args.max_physical_batch_size,
                                      "--mixed_precision", args.mixed_precision, "--output", mask,
                                      *SELECTION[method], *selection_budget(run, args)), log)
     model_dir = os.path.join(folder, "model")
-    if method != "no_finetune" and run_folder.read_status(model_dir) != COMPLETE:
+    if method not in ("no_finetune", "pe") and run_folder.read_status(model_dir) != COMPLETE:
         privacy = [] if run["epsilon"] is None else ["--target_epsilon", run["epsilon"]]
         uses_mask = ["--saliency_mask", mask] if method in SELECTION else []
         steps = args.max_train_steps
@@ -198,7 +220,6 @@ def execute(run: dict, args) -> dict:
             "--resume_from_checkpoint", "latest", "--validation_inference_steps", args.sampling_steps,
             "--report_to", "none", "--output_dir", model_dir,
             *(["--mixed_precision", args.mixed_precision] if method != "dp_finetune" else [])), log)
-    synthetic = os.path.join(folder, "synthetic")
     if not os.path.isfile(os.path.join(synthetic, "metadata.jsonl")):
         source = (["--pretrained_model_name_or_path", model_dir] if method in ("wo_lora", "dp_finetune") else
                   ["--pretrained_model_name_or_path", args.public_model] +
@@ -232,7 +253,7 @@ def record(run: dict, folder: str, wall: dict, args) -> dict:
     from dp_sapf import run_folder
 
     metrics = json.load(open(os.path.join(folder, "eval", "metrics.json")))
-    report_path = os.path.join(folder, "model", run_folder.REPORT_FILE)
+    report_path = os.path.join(folder, "synthetic" if run["method"] == "pe" else "model", run_folder.REPORT_FILE)
     report = json.load(open(report_path)) if os.path.isfile(report_path) else None
     mask_path = os.path.join(folder, "mask.json")
     mask = json.load(open(mask_path)) if os.path.isfile(mask_path) else None
@@ -278,7 +299,8 @@ def settings(args) -> dict:
                                           "num_synthetic", "sampling_steps", "guidance_scale", "classifier",
                                           "classifier_epochs", "classifier_depth", "classifier_width",
                                           "max_per_class", "fid_max_real", "mixed_precision", "quick",
-                                          "select_ratio", "selection_share")}
+                                          "select_ratio", "selection_share", "pe_iterations", "pe_strength_start",
+                                          "pe_strength_end", "pe_count_threshold", "pe_embedding")}
     return {**out, "public_model": os.path.relpath(args.public_model, REPO), "how_chosen": HOW_CHOSEN}
 
 
