@@ -195,7 +195,8 @@ def execute(run: dict, args) -> dict:
     synthetic = os.path.join(folder, "synthetic")
     if method == "pe" and run_folder.read_status(synthetic) != COMPLETE:
         wall["pe"] = call(script(
-            "private_evolution.py", *common, "--num_images_per_class", max(1, args.num_synthetic // 10), "--iterations", args.pe_iterations,
+            "private_evolution.py", *common, "--num_images_per_class", max(1, args.num_synthetic // 10),
+            "--iterations", args.pe_iterations,
             "--strength_start", args.pe_strength_start, "--strength_end", args.pe_strength_end,
             *(["--count_threshold", args.pe_count_threshold] if args.pe_count_threshold is not None else []),
             "--embedding", args.pe_embedding, "--target_epsilon", run["epsilon"],
