@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The public model's measured bars (docs/public_model.md), each through the real scripts, resumable stage by stage:
+#   bash experiments/public_model_bars.sh [MODEL] [WORK]      # default models/tiny-sd-public runs/public_bars
+# Writes one JSON record per bar to results/public_model/ (small, committed). On the 2-core CPU: about 2 hours.
+#   vae        real Fashion-MNIST train images through the VAE (encode -> decode) train the classifier to >= 0.95x the
+#              accuracy the untouched images give (same classifier, epochs); + reconstruction PSNR of 100 test images
+#   lora_mask  non-private LoRA on the exact 30 % mask (sigma_s = 0), <= 30 min of training: WRN accuracy >= 0.70
+#   lora_all   the same on all attention
+#   digits     5,000 digit samples train a WRN to >= 0.90 on the MNIST-5k test split
+#   zero_shot  5,000 samples of the ten Fashion-MNIST prompts, no fine-tuning (no bar)
+# Hyperparameters are fixed here before any test result was seen; the classifier is evaluate.py's WRN-10-1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=${PYTHON:-python3}
+MODEL=${1:-models/tiny-sd-public}
+WORK=${2:-runs/public_bars}
+OUT=results/public_model
+STEPS=${STEPS:-600}          # LoRA steps of B = 64: chosen to fit 30 min on this CPU (the record has the wall time)
+mkdir -p "$WORK" "$OUT"
+CLS=(--classifier_depth 10 --classifier_width 1 --epochs 10 --skip_fid)
+SAMPLE=(--num_images_per_class 500 --num_inference_steps 25 --guidance_scale 3 --resolution 32 --output_resolution 28
+        --batch_size 250)
+record() {  # record NAME METRICS_JSON EXTRA_JSON: the bar's record, with the command log
+  $PY - "$1" "$2" "$3" "$OUT/$1.json" "$MODEL" <<'PYEOF'
+import json, sys, platform, datetime
+name, metrics, extra, path, model = sys.argv[1:6]
+m = json.load(open(metrics))
+rec = {"bar": name, "model": model, "metrics": {k: v for k, v in m.items() if k.startswith(("fid", "accuracy", "real_"))},
+       "num_synthetic": m.get("num_synthetic"), "classifier_settings": m.get("classifier_settings"),
+       **json.loads(extra), "machine": f"{platform.machine()}, cpu", "finished": datetime.datetime.now().isoformat()}
+json.dump(rec, open(path, "w"), indent=2)
+print(json.dumps(rec["metrics"]))
+PYEOF
+}
+timed() {  # timed FILE cmd...: run, append the wall time to FILE
+  local t0=$EPOCHREALTIME; "${@:2}"; awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f\n", b - a}' > "$1"
+}
+
+[ -f "$WORK/fashion/dataset_info.json" ] || $PY -m dp_sapf.prepare_data --name fashion_mnist --output_dir "$WORK/fashion"
+[ -f "$WORK/mnist5k/dataset_info.json" ] || $PY -m dp_sapf.prepare_data --name mnist5k --output_dir "$WORK/mnist5k"
+FASHION=(--train_data_dir "$WORK/fashion" --class_prompts fashion_mnist)
+
+echo "== vae: Fashion-MNIST train through the public VAE"
+if [ ! -f "$OUT/vae.json" ]; then
+  [ -f "$WORK/vae_roundtrip/psnr.json" ] || $PY experiments/vae_roundtrip.py --pretrained_model_name_or_path "$MODEL" \
+    "${FASHION[@]}" --output_dir "$WORK/vae_roundtrip"
+  $PY evaluate.py --synthetic_dir "$WORK/vae_roundtrip" "${FASHION[@]}" "${CLS[@]}" --output_dir "$WORK/vae_eval"
+  record vae "$WORK/vae_eval/metrics.json" "$(cat "$WORK/vae_roundtrip/psnr.json")"
+fi
+
+for target in mask all; do
+  echo "== lora_$target: non-private LoRA, Fashion-MNIST train"
+  [ -f "$OUT/lora_$target.json" ] && continue
+  D="$WORK/lora_$target"; mkdir -p "$D"
+  MASK=()
+  if [ "$target" = mask ]; then
+    [ -f "$WORK/exact_mask.json" ] || $PY select_salient.py --pretrained_model_name_or_path "$MODEL" "${FASHION[@]}" \
+      --resolution 32 --max_train_samples 5000 --selection_noise_multiplier 0 --output "$WORK/exact_mask.json"
+    MASK=(--saliency_mask "$WORK/exact_mask.json")
+  else
+    MASK=(--lora_target all_attention)
+  fi
+  [ "$(cat "$D/model/run_status.json" 2>/dev/null | grep -c complete)" = 1 ] || timed "$D/train_s" \
+    $PY train_dp_sapf.py --pretrained_model_name_or_path "$MODEL" "${FASHION[@]}" --resolution 32 "${MASK[@]}" --no_dp \
+    --train_batch_size 64 --max_physical_batch_size 64 --max_train_steps "$STEPS" --learning_rate 5e-3 --rank 8 \
+    --checkpointing_steps 200 --resume_from_checkpoint latest --validation_inference_steps 25 --report_to none \
+    --output_dir "$D/model"
+  [ -f "$D/synthetic/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$D/model" \
+    "${SAMPLE[@]}" --output_dir "$D/synthetic"
+  $PY evaluate.py --synthetic_dir "$D/synthetic" "${FASHION[@]}" "${CLS[@]}" --skip_real_reference --output_dir "$D/eval"
+  record "lora_$target" "$D/eval/metrics.json" \
+    "{\"train_wall_s\": $(cat "$D/train_s" 2>/dev/null || echo null), \"steps\": $STEPS, \"batch\": 64, \"rank\": 8, \"lr\": 5e-3}"
+done
+
+echo "== digits: MNIST-5k prompts, no fine-tuning"
+if [ ! -f "$OUT/digits.json" ]; then
+  [ -f "$WORK/digits/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts mnist \
+    "${SAMPLE[@]}" --output_dir "$WORK/digits"
+  $PY evaluate.py --synthetic_dir "$WORK/digits" --train_data_dir "$WORK/mnist5k" --class_prompts mnist "${CLS[@]}" \
+    --no_classifier_flip --output_dir "$WORK/digits_eval"
+  record digits "$WORK/digits_eval/metrics.json" "{}"
+fi
+
+echo "== zero_shot: Fashion-MNIST prompts, no fine-tuning"
+if [ ! -f "$OUT/zero_shot.json" ]; then
+  [ -f "$WORK/zero_shot/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" \
+    --class_prompts fashion_mnist "${SAMPLE[@]}" --output_dir "$WORK/zero_shot"
+  $PY evaluate.py --synthetic_dir "$WORK/zero_shot" "${FASHION[@]}" "${CLS[@]}" --skip_real_reference \
+    --output_dir "$WORK/zero_shot_eval"
+  record zero_shot "$WORK/zero_shot_eval/metrics.json" "{}"
+fi
+echo "Records in $OUT"
