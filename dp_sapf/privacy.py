@@ -22,9 +22,7 @@ disagree by up to ~17% (dp-accounting is the more conservative), so we do not re
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -39,6 +37,7 @@ class PrivacyBudgetError(ValueError):
 
 
 SELECTION_MECHANISMS = ("gaussian", "exponential", "ptr")
+DATA_FREE_SCORERS = ("synflow", "random")  # the scorers that read no image (saliency.py imports this)
 
 
 @dataclass(frozen=True)
@@ -90,15 +89,41 @@ class SelectionCost:
 
     @classmethod
     def from_mask(cls, mask: dict | None) -> "SelectionCost | None":
-        """The one place a mask's privacy record is read (None: no selection stage at all)."""
+        """The one place a mask's privacy record is read (None: no selection stage at all).
+
+        Nothing is inferred: the record names its mechanism and carries every figure of its cost, or it is a
+        ValueError naming the field (saliency.read_mask has checked the whole mask against its schema first).
+        A mask is free ("none") only when its scorer reads no data.
+        """
         if mask is None:
             return None
-        record = mask["privacy"]
-        mechanism = record.get("mechanism")
-        if mechanism not in ("exponential", "ptr"):  # also reads masks written before the mechanism choice
-            mechanism = "gaussian" if record.get("noise_multiplier") is not None else "none"
-        return cls(record.get("noise_multiplier"), mechanism, record.get("max_grad_norm"), mask.get("scorer"),
+        record = mask.get("privacy") if isinstance(mask, dict) else None
+        if not isinstance(record, dict):
+            raise ValueError("The mask has no 'privacy' record: its selection cost is unknown.")
+        mechanism, scorer = record.get("mechanism"), mask.get("scorer")
+        if mechanism not in SELECTION_MECHANISMS + ("none",):
+            raise ValueError(f"The mask's field 'privacy.mechanism' is {mechanism!r}; expected one of "
+                             f"{', '.join(SELECTION_MECHANISMS + ('none',))}.")
+        if (mechanism == "none") != (scorer in DATA_FREE_SCORERS):
+            raise ValueError(f"The mask's scorer {scorer!r} does not match its field 'privacy.mechanism' {mechanism!r}: "
+                             f"only a data-free scorer ({', '.join(DATA_FREE_SCORERS)}) selects for free.")
+        needed = {"gaussian": ("noise_multiplier", "max_grad_norm", "dataset_size"),
+                  "exponential": ("epsilon", "num_picks", "max_grad_norm", "dataset_size"),
+                  "ptr": ("epsilon", "delta", "max_grad_norm", "dataset_size"), "none": ()}[mechanism]
+        for name in needed:
+            value = record.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"The mask's field 'privacy.{name}' is {value!r}: a {mechanism} selection needs it "
+                                 "(a finite number) to account its cost.")
+        if mechanism == "none":
+            return cls(None, "none", scorer=scorer)
+        return cls(record.get("noise_multiplier"), mechanism, record.get("max_grad_norm"), scorer,
                    record.get("dataset_size"), record.get("epsilon"), record.get("delta"), record.get("num_picks"))
+
+
+def finite_or_none(value):
+    """A figure for strict JSON: a finite number as is; inf, nan (and None) as None."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def default_selection_delta(dataset_size: int) -> float:
@@ -396,12 +421,15 @@ class PrivacyLedger:
         return self.spent(self.total_steps).epsilon
 
     def report(self, **context) -> dict:
-        """privacy_report.json: every figure needed to check or recompute the guarantee (schema: REPORT_FIELDS)."""
+        """privacy_report.json: every figure needed to check or recompute the guarantee (schema: REPORT_FIELDS).
+
+        Strict JSON: a non-private release has no finite ε, and its "epsilon" is null ("private": false says why).
+        """
         spent = self.spent()
         selection = self.selection
         return {
             "private": self.private,
-            "epsilon": spent.epsilon,
+            "epsilon": finite_or_none(spent.epsilon),
             "delta": self.delta,
             "accountant": self.accountant,
             "noise_multiplier": self.noise_multiplier,
@@ -414,10 +442,10 @@ class PrivacyLedger:
             "selection_delta": None if selection is None else selection.delta,
             "selection_max_grad_norm": None if selection is None else selection.max_grad_norm,
             "budget_split": {} if not self.private else {
-                "epsilon_selection_only": spent.epsilon_selection_only,
-                "epsilon_training_only": spent.epsilon_training_only,
-                "selection_share": spent.selection_share,
-                "best_alpha": spent.best_alpha},
+                "epsilon_selection_only": finite_or_none(spent.epsilon_selection_only),
+                "epsilon_training_only": finite_or_none(spent.epsilon_training_only),
+                "selection_share": finite_or_none(spent.selection_share),
+                "best_alpha": finite_or_none(spent.best_alpha)},
             "neighbouring": "add/remove one image; N, class names, class prompts and the base model are public",
             **context,
         }
@@ -448,7 +476,7 @@ class PrivacyLedger:
 # The keys of privacy_report.json (written by `PrivacyLedger.report`, read by hub.py and sample.py).
 REPORT_FIELDS = {
     "private": "False for --no_dp / --target_epsilon inf: no guarantee at all",
-    "epsilon": "ε of the whole release (selection + training), inf when not private",
+    "epsilon": "ε of the whole release (selection + training); null when not private (no finite ε)",
     "delta": "δ", "accountant": "rdp | prv | pld",
     "noise_multiplier": "σ of DP-SGD", "max_grad_norm": "C", "sample_rate": "q = B/N", "steps": "T done",
     "selection_mechanism": "gaussian | exponential | ptr | none (data-independent); None: no selection stage",
@@ -462,33 +490,42 @@ REPORT_FIELDS = {
     "mask": "the mask's public fields", "base_model": "the public model", "resolution": "training resolution",
     "class_names": "the public class list", "class_prompts": "one prompt per class",
     "backbone": "sd | sd3 | dit", "pipeline_class": "the base pipeline's diffusers class",
+    "base_signature": "mean |w| of a few base-model tensors: sample.py refuses the LoRA on another base model",
 }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_size", type=int, required=True, help="N, the number of sensitive images.")
-    parser.add_argument("--train_batch_size", type=int, default=4096, help="Expected logical batch B (q = B/N).")
-    parser.add_argument("--max_train_steps", type=int, default=1000, help="DP-SGD steps T.")
-    parser.add_argument("--target_epsilon", type=float, default=None, help="Target ε: σ is calibrated to meet it.")
-    parser.add_argument("--noise_multiplier", type=float, default=None, help="σ given: ε is reported.")
-    parser.add_argument("--target_delta", type=float, default=None, help="δ (default 1/N).")
+    from .atomic import dumps_json
+    from .cli import COUNT, POSITIVE, PROBABILITY, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m dp_sapf.privacy", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_size", type=COUNT, required=True, help="N, the number of sensitive images.")
+    parser.add_argument("--train_batch_size", type=COUNT, default=4096, help="Expected logical batch B (q = B/N).")
+    parser.add_argument("--max_train_steps", type=COUNT, default=1000, help="DP-SGD steps T.")
+    parser.add_argument("--target_epsilon", type=str, default=None,
+                        help="Target ε: σ is calibrated to meet it ('inf': no noise, not private).")
+    parser.add_argument("--noise_multiplier", type=POSITIVE, default=None, help="σ given: ε is reported.")
+    parser.add_argument("--target_delta", type=PROBABILITY, default=None, help="δ (default 1/N).")
     parser.add_argument("--selection_mechanism", choices=SELECTION_MECHANISMS, default="gaussian",
                         help="gaussian (σ_s, the paper's default), exponential (ε_s over --num_selected picks) or "
                              "ptr (ε_s, δ_s), as select_salient.py.")
-    parser.add_argument("--selection_noise_multiplier", type=float, default=None,
+    parser.add_argument("--selection_noise_multiplier", type=POSITIVE, default=None,
                         help="σ_s of a Gaussian selection; absent (or with --no_selection) = no selection stage.")
-    parser.add_argument("--selection_epsilon", type=float, default=None,
+    parser.add_argument("--selection_epsilon", type=POSITIVE, default=None,
                         help="ε_s of an exponential or PTR selection.")
-    parser.add_argument("--selection_delta", type=float, default=None,
+    parser.add_argument("--selection_delta", type=PROBABILITY, default=None,
                         help="δ_s of a PTR selection (default 1/(10N)); training gets δ − δ_s.")
-    parser.add_argument("--num_selected", type=int, default=29,
+    parser.add_argument("--num_selected", type=COUNT, default=29,
                         help="k, the exponential mechanism's number of picks (SD-v1.5: ⌈0.3·96⌉ = 29).")
     parser.add_argument("--no_selection", action="store_true", help="No selection stage (e.g. random mask, DP-LoRA).")
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="rdp (as the paper), prv or pld.")
     args = parser.parse_args(argv)
     if (args.target_epsilon is None) == (args.noise_multiplier is None):
         parser.error("Give exactly one of --target_epsilon or --noise_multiplier.")
+    if args.selection_mechanism != "gaussian" and args.selection_noise_multiplier is not None:
+        parser.error(f"--selection_noise_multiplier is σ_s of the Gaussian selection; --selection_mechanism "
+                     f"{args.selection_mechanism} does not use it.")
     if args.dataset_size < 1 or not 1 <= args.train_batch_size <= args.dataset_size:
         parser.error("Need 1 <= --train_batch_size <= --dataset_size.")
     try:
@@ -506,8 +543,7 @@ def main(argv=None):
     out = {"noise_multiplier": ledger.noise_multiplier, "sample_rate": ledger.sample_rate, "steps": ledger.total_steps,
            "dataset_size": args.dataset_size, "selection": None if selection is None else asdict(selection),
            **spent.to_dict()}
-    json.dump(out, sys.stdout, indent=2)
-    print()
+    print(dumps_json({k: finite_or_none(v) if isinstance(v, float) else v for k, v in out.items()}))
 
 
 if __name__ == "__main__":

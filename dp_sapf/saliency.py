@@ -9,20 +9,21 @@ fisher Σ_i‖ĝ_i,m‖², snip ‖θ_m ⊙ G_m‖₁; synflow and random read n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .privacy import DATA_FREE_SCORERS  # synflow, random: they read no private data and cost nothing
+
 MASK_FORMAT_VERSION = 1
 CANDIDATE_POOLS = ("attention_qkv", "attention_qkvo", "all_linear")
 SCORERS = ("grad_norm", "fisher", "snip", "synflow", "random")
-DATA_FREE_SCORERS = ("synflow", "random")  # read no private data: no mechanism, no privacy cost
 MECHANISMS = ("gaussian", "exponential", "ptr")
 GRANULARITIES = ("matrix", "layer")
 
@@ -377,11 +378,14 @@ def mask_privacy(*, scorer: str, mechanism: str, noise_multiplier: float, max_gr
 
 def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, granularity: str, ratio: float,
                scorer: str, result: SelectionResult, seed: int | None, privacy_record: dict,
-               class_names: list[str], class_prompts: list[str]) -> dict:
-    """The versioned mask record (schema in the README)."""
+               class_names: list[str], class_prompts: list[str], backbone: str = "sd",
+               pipeline_class: str = "StableDiffusionPipeline") -> dict:
+    """The versioned mask record (schema: dp_sapf/schemas/mask.schema.json, `MASK_SCHEMA_FILE`)."""
     return {
         "format_version": MASK_FORMAT_VERSION,
         "base_model": base_model,
+        "backbone": backbone,
+        "pipeline_class": pipeline_class,
         "candidate_fingerprint": fingerprint(modules),
         "candidate_pool": pool,
         "candidates": {name: list(m.weight.shape) for name, m in modules.items()},
@@ -399,33 +403,76 @@ def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, gra
     }
 
 
+MASK_SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas", "mask.schema.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _mask_validator():
+    from jsonschema import Draft202012Validator
+
+    with open(MASK_SCHEMA_FILE) as f:
+        return Draft202012Validator(json.load(f))
+
+
+def mask_problem(mask) -> str | None:
+    """What is wrong with a mask record, naming the field (None: it is a valid mask).
+
+    One written schema (`MASK_SCHEMA_FILE`) serves the writer and the reader: a mask whose scorer reads the images
+    must carry every figure of its mechanism's cost, a data-free one must say it is free; extra, missing and
+    mistyped fields are refused. Then what a schema cannot say: the picks are candidates, and they are counted.
+    """
+    from jsonschema.exceptions import best_match
+
+    if not isinstance(mask, dict):
+        return f"it is JSON but not a mask (a {type(mask).__name__})"
+    error = best_match(_mask_validator().iter_errors(mask))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path)
+        if error.validator == "required" and isinstance(error.instance, dict):
+            missing = [k for k in error.validator_value if k not in error.instance][0]
+            return f"field {'.'.join(filter(None, [where, missing]))!r} is missing"
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            known = set(error.schema.get("properties", {}))
+            extra = sorted(k for k in error.instance if k not in known)
+            if extra:
+                return f"field {'.'.join(filter(None, [where, extra[0]]))!r} is not a mask field"
+        return f"field {where or '(the record)'!r}: {error.message}"
+    unknown = [m for m in mask["target_modules"] if m not in mask["candidates"]]
+    if unknown:
+        return f"field 'target_modules' names {unknown[0]!r}, which is not among its 'candidates'"
+    if mask["num_selected"] != len(mask["target_modules"]):
+        return (f"field 'num_selected' is {mask['num_selected']} but 'target_modules' lists "
+                f"{len(mask['target_modules'])} matrices")
+    return None
+
+
 def write_mask(mask: dict, path: str) -> None:
-    """Write atomically: a failed run never leaves a mask behind."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(mask, f, indent=2)
-    os.chmod(tmp, 0o644)  # a release file (mkstemp makes it owner-only)
-    os.replace(tmp, path)
+    """Validate against the schema, then write atomically: a failed run never leaves a mask behind."""
+    from .atomic import write_json
+
+    problem = mask_problem(mask)
+    if problem is not None:
+        raise ValueError(f"Refusing to write the mask {path}: {problem}.")
+    write_json(path, mask)
 
 
 def read_mask(path: str) -> dict:
-    """Load and sanity-check a mask file."""
+    """Load a mask file and validate it against the schema; one clear line (file and field) otherwise."""
+    from .atomic import load_json
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--saliency_mask {path!r} does not exist (run select_salient.py --output ...).")
     try:
-        with open(path) as f:
-            mask = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        mask = load_json(path)
+    except ValueError as err:
         raise ValueError(f"--saliency_mask {path!r} is not a mask JSON written by select_salient.py: {err}") from None
-    if not isinstance(mask, dict):
-        raise ValueError(f"--saliency_mask {path!r} is JSON but not a mask (a {type(mask).__name__}).")
-    if mask.get("format_version") != MASK_FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported mask format_version {mask.get('format_version')!r}.")
-    for key in ("target_modules", "candidate_fingerprint", "privacy", "candidate_pool"):
-        if key not in mask:
-            raise ValueError(f"{path}: mask has no {key!r}.")
+    if isinstance(mask, dict) and mask.get("format_version") != MASK_FORMAT_VERSION:
+        raise ValueError(f"--saliency_mask {path}: field 'format_version' is {mask.get('format_version')!r}; this "
+                         f"version reads format {MASK_FORMAT_VERSION} (rerun select_salient.py).")
+    problem = mask_problem(mask)
+    if problem is not None:
+        raise ValueError(f"--saliency_mask {path}: {problem} (schema: dp_sapf/schemas/mask.schema.json; rerun "
+                         "select_salient.py).")
     return mask
 
 

@@ -123,18 +123,35 @@ def test_cli_prints_json():
 
 
 def test_ledger_plan_calibrates_and_reports_the_split():
-    mask = {"scorer": "grad_norm", "privacy": {"noise_multiplier": 5.0, "max_grad_norm": 1.0, "dataset_size": 1000}}
+    mask = {"scorer": "grad_norm", "privacy": {"mechanism": "gaussian", "noise_multiplier": 5.0, "max_grad_norm": 1.0,
+                                               "dataset_size": 1000}}
     ledger = PrivacyLedger.plan(dataset_size=1000, expected_batch_size=100, steps=50, max_grad_norm=1.0,
                                 target_epsilon=4.0, selection=SelectionCost.from_mask(mask))
     assert ledger.private and ledger.delta == pytest.approx(1e-3) and ledger.epsilon_final() <= 4.0
     report = ledger.report(dataset_size=1000)
     assert set(report) <= set(privacy.REPORT_FIELDS)
     assert report["selection_noise_multiplier"] == 5.0 and report["budget_split"]["epsilon_selection_only"] > 0
-    free = SelectionCost.from_mask({"scorer": "random", "privacy": {"noise_multiplier": None}})
+    free = SelectionCost.from_mask({"scorer": "random", "privacy": {"mechanism": "none"}})
     assert free.free and SelectionCost.from_mask(None) is None
     open_ended = PrivacyLedger.plan(dataset_size=1000, expected_batch_size=100, steps=50, max_grad_norm=1.0,
                                     target_epsilon=math.inf)
-    assert not open_ended.private and open_ended.report()["epsilon"] == math.inf
+    # strict JSON has no infinity: a release without a finite ε reports null (and private: false)
+    assert not open_ended.private and open_ended.report()["epsilon"] is None
+    json.dumps(open_ended.report(), allow_nan=False)
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"noise_multiplier": 5.0, "max_grad_norm": 1.0, "dataset_size": 40}, "privacy.mechanism"),  # no mechanism
+    ({"mechanism": "gaussian", "max_grad_norm": 1.0, "dataset_size": 40}, "privacy.noise_multiplier"),
+    ({"mechanism": "none"}, "privacy.mechanism"),  # a data-reading scorer claiming to be free
+    ({"mechanism": "exponential", "epsilon": None, "num_picks": 3, "max_grad_norm": 1.0, "dataset_size": 40},
+     "privacy.epsilon"),
+    ({"mechanism": "ptr", "epsilon": 1.0, "max_grad_norm": 1.0, "dataset_size": 40}, "privacy.delta"),
+])
+def test_a_mask_without_its_full_cost_is_refused_not_free(record, field):
+    """Issue #23 gap 3: the old reader took a grad_norm mask without noise_multiplier for a free selection."""
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        SelectionCost.from_mask({"scorer": "grad_norm", "privacy": record})
 
 
 @pytest.mark.parametrize("text", ["nan", "0", "-1", "-inf", "ten"])
