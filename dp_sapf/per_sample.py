@@ -244,15 +244,49 @@ def linear_modules_holding(model: nn.Module, params: list[nn.Parameter]) -> dict
     return modules if all(id(p) in covered for p in params) else None
 
 
+# Attributes holding a dropout probability that a module applies itself (nn.MultiheadAttention's and
+# transformers' attention `dropout`, DiT's label `dropout_prob`, ...); nn.Dropout modules are found by type.
+DROPOUT_ATTRIBUTES = ("dropout", "dropout_p", "dropout_prob", "attention_dropout", "attn_dropout", "hidden_dropout")
+
+
+def dropout_modules(model: nn.Module) -> list[tuple[str, float]]:
+    """Every place in `model` that draws a dropout mask in train mode, with its probability p > 0."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            p = float(module.p)
+        else:
+            own = vars(module)  # plain attributes only (no config look-ups through __getattr__)
+            p = max((float(own[a]) for a in DROPOUT_ATTRIBUTES
+                     if isinstance(own.get(a), (int, float)) and not isinstance(own.get(a), bool)), default=0.0)
+        if p > 0:
+            found.append((name or "(the model)", p))
+    return found
+
+
+def refuse_dropout(model: nn.Module, what: str = "The model", fix: str = "set its dropout to 0") -> None:
+    """DP-SGD and the private selection refuse a model with dropout p > 0: its masks would be randomness inside
+    the mechanism drawn from the public seed by batch position (global torch RNG), so one inserted image shifts
+    every later image's mask and the clipped sum moves by more than C (tests/test_draws.py measures it)."""
+    found = dropout_modules(model)
+    if found:
+        name, p = found[0]
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise ValueError(f"{what} has dropout (p = {p:g} in {name}{more}): its masks would be randomness inside the "
+                         "DP mechanism drawn from the public seed by batch position, so one image could move the "
+                         f"clipped sum by more than C. Fix: {fix}.")
+
+
 def make_engine(name: str, model: nn.Module, params: list[nn.Parameter], *, compile: bool,
                 mixed_precision: str | None, max_batch_size: int):
     """The per-sample engine for `params` and the module to call forward on: (engine, model).
 
     auto: probes under --compile, else hooks; opacus when a trainable tensor is outside nn.Linear. The
-    combinations that cannot work are refused with the reason.
+    combinations that cannot work are refused with the reason, and so is a model with dropout (`refuse_dropout`).
     """
     if name not in ENGINES:
         raise ValueError(f"Unknown per-sample engine {name!r}; choose from {', '.join(ENGINES)}.")
+    refuse_dropout(model)
     linears = linear_modules_holding(model, params)
     if name == "auto":
         name = ("probes" if compile else "hooks") if linears is not None else "opacus"

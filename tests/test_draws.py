@@ -5,6 +5,8 @@ are present; otherwise adding one image changes every later image's gradient and
 more than C. These tests measure that move on the real code paths of the selection and of a training step.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -100,3 +102,56 @@ def test_inserting_an_image_first_moves_the_pre_noise_sum_by_at_most_c(parts_and
         assert moved >= CLIP * (1 - 1e-3)  # the inserted image itself: clipped to exactly C
     else:  # the old code: public draws by position, every later image gets another draw
         assert moved > 2 * CLIP, moved / CLIP
+
+
+def with_dropout(model_dir, target_dir, p=0.1):
+    """A copy of a pipeline folder whose denoiser's config sets dropout p (what a user's model may have)."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, target_dir)
+    folder = "transformer" if os.path.isdir(os.path.join(target_dir, "transformer")) else "unet"
+    path = os.path.join(target_dir, folder, "config.json")
+    config = json.load(open(path))
+    config["dropout"] = p
+    json.dump(config, open(path, "w"))
+    return str(target_dir)
+
+
+def test_dropout_breaks_the_insertion_bound_and_is_refused(tiny_backbone_dirs, tmp_path):
+    """Issue #23 gap 1: dropout masks are drawn from the global (public) RNG by batch position. With dropout 0.1 in
+    a DiT in train mode, one image inserted first shifts every later image's mask and the clipped training sum
+    moves by far more than C; the per-sample engine (and both scripts, tests/test_reliability.py) refuse it."""
+    from test_backbones import PROMPTS, _batches, _cache, _randomise_lora_b
+
+    parts = modeling.load_pipeline_parts(with_dropout(tiny_backbone_dirs("tiny-dit"), tmp_path / "dit-dropout"))
+    found = per_sample.dropout_modules(parts.denoiser)
+    assert found and all(p == pytest.approx(0.1) for _, p in found)
+    cond = modeling.encode_prompts(parts, PROMPTS, "cpu")
+    names = list(saliency.candidate_modules(parts.denoiser, "attention_qkv"))[::3]
+    params = list(modeling.make_trainable(parts.denoiser, "lora", names, rank=2).values())
+    _randomise_lora_b(parts.denoiser)
+    parts.denoiser.train()
+    with pytest.raises(ValueError, match="dropout"):
+        per_sample.make_engine("hooks", parts.denoiser, params, compile=False, mixed_precision="no", max_batch_size=5)
+    hooks = per_sample.LinearPerSampleHooks(per_sample.linear_modules_holding(parts.denoiser, params))
+    base = _cache(parts, 12)
+    other = _cache(parts, 1, first_key=1000, seed=3)
+    inserted = data.LatentCache(*(torch.cat([x, y]) for x, y in zip(
+        (other.mean, other.std, other.labels, other.keys), (base.mean, base.std, base.labels, base.keys))), 1.5, 0.06)
+
+    def clipped_sum(cache):
+        torch.manual_seed(0)  # what --seed does (accelerate's set_seed): the same public stream in both worlds
+        step = per_sample.StepGradients(modeling.diffusion_loss_fn(parts.denoiser, parts.noise_scheduler), params,
+                                        private=True, max_grad_norm=CLIP, engine=hooks)
+        step(_batches(parts, cache, cond, 17), noise_multiplier=0.0, noise_generator=None, expected_batch_size=1,
+             realised_batch_size=len(cache))
+        return torch.cat([p.grad.flatten() for p in params])
+
+    moved = float((clipped_sum(inserted) - clipped_sum(base)).norm())
+    assert moved > 1.2 * CLIP, moved / CLIP  # the bound ≤ C fails: hence the refusal
+    for module in parts.denoiser.modules():  # the same model with its dropout off keeps the bound
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    moved = float((clipped_sum(inserted) - clipped_sum(base)).norm())
+    assert CLIP * (1 - 1e-3) <= moved <= CLIP * (1 + 1e-4), moved / CLIP
