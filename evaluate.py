@@ -16,32 +16,32 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dp_sapf import data, metrics
-from dp_sapf.cli import run_cli
+from dp_sapf import atomic, data, metrics
+from dp_sapf.cli import COUNT, POSITIVE, PROBABILITY, SEED, ArgumentParser, number, run_cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic_dir", required=True, help="Synthetic imagefolder: one subfolder per class (sample.py).")
     data.add_data_args(p, with_augmentation=False)
     p.add_argument("--real_split", default="train", help="Real split FID is measured against (the sensitive set).")
     p.add_argument("--fid_test_split", default=None, help="Also measure FID against this real split (e.g. test).")
     p.add_argument("--test_split", default="test", help="Real split the downstream accuracy is measured on.")
     p.add_argument("--classifier", choices=["wrn", "resnet", "all"], default="wrn", help="Downstream classifier(s).")
-    p.add_argument("--epochs", type=int, default=50, help="Classifier epochs (DPImageBench: 50 with Adam, 200 with SGD).")
-    p.add_argument("--classifier_depth", type=int, default=None, help="Depth (default WRN-28 / ResNet-164).")
-    p.add_argument("--classifier_width", type=int, default=None, help="WRN width (default 10).")
+    p.add_argument("--epochs", type=COUNT, default=50, help="Classifier epochs (DPImageBench: 50 with Adam, 200 with SGD).")
+    p.add_argument("--classifier_depth", type=COUNT, default=None, help="Depth (default WRN-28 / ResNet-164).")
+    p.add_argument("--classifier_width", type=COUNT, default=None, help="WRN width (default 10).")
     p.add_argument("--classifier_optimizer", choices=["adam", "sgd"], default="adam",
                    help="adam: lr 0.01 (DPImageBench's default); sgd: lr 0.1, momentum 0.9, wd 5e-4 (CIFAR-like).")
-    p.add_argument("--classifier_lr", type=float, default=None, help="Override the optimizer's learning rate.")
-    p.add_argument("--classifier_batch_size", type=int, default=128, help="Classifier batch size.")
-    p.add_argument("--classifier_resolution", type=int, default=32, help="Classifier input size.")
+    p.add_argument("--classifier_lr", type=POSITIVE, default=None, help="Override the optimizer's learning rate.")
+    p.add_argument("--classifier_batch_size", type=COUNT, default=128, help="Classifier batch size.")
+    p.add_argument("--classifier_resolution", type=number(int, min=8), default=32, help="Classifier input size.")
     p.add_argument("--no_classifier_flip", action="store_true",
                    help="No horizontal flips when training the classifiers (for digits or text, a flip changes the "
                         "class). Default: random crops and flips, as for CIFAR.")
-    p.add_argument("--synthetic_val_fraction", type=float, default=0.1,
+    p.add_argument("--synthetic_val_fraction", type=PROBABILITY, default=0.1,
                    help="Synthetic images held out for model selection (no privacy cost).")
     p.add_argument("--select_on_real_val", action="store_true",
                    help="Select the classifier on real held-out training images instead. This SPENDS PRIVACY: it is "
@@ -53,13 +53,20 @@ def parse_args(argv=None):
                    help="Accept synthetic images whose size differs from the real images' (they are resized for FID "
                         "and the classifiers). By default this is an error: sample at the sensitive data's size with "
                         "sample.py --output_resolution, as DPImageBench compares.")
-    p.add_argument("--fid_batch_size", type=int, default=50, help="Images per Inception forward.")
-    p.add_argument("--fid_max_real", type=int, default=None,
+    p.add_argument("--fid_batch_size", type=COUNT, default=50, help="Images per Inception forward.")
+    p.add_argument("--fid_max_real", type=number(int, min=2), default=None,
                    help="Measure FID against a fixed random subset of this many real images (default: all), the same "
                         "for every run. Inception runs at 4-10 images/s on a 2-core CPU: the quick start uses 500.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of splits and classifier training.")
+    p.add_argument("--seed", type=SEED, default=0, help="Seed of splits and classifier training.")
     p.add_argument("--output_dir", default="eval", help="Where metrics.json, metrics.md and metrics.png go.")
     args = p.parse_args(argv)
+    depth, archs = args.classifier_depth, ["wrn", "resnet"] if args.classifier == "all" else [args.classifier]
+    if depth is not None and "wrn" in archs and (depth < 10 or (depth - 4) % 6):
+        p.error(f"--classifier_depth {depth}: a WRN's depth is 6n + 4 (10, 16, 22, 28, ...).")
+    if depth is not None and "resnet" in archs and (depth < 11 or (depth - 2) % 9):
+        p.error(f"--classifier_depth {depth}: a pre-activation ResNet's depth is 9n + 2 (11, 20, 29, ..., 164).")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output_dir {args.output_dir!r} is a file, not a folder.")
     if args.cache_dir is None:
         args.cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "dp_sapf")
     return args
@@ -76,9 +83,12 @@ def load_synthetic(folder: str, real_class_names: list[str]):
         raise ValueError(f"Synthetic class folders {unknown} match no real class ({real_class_names}).")
     images, labels = [], []
     for c in classes:
-        for name in sorted(os.listdir(os.path.join(folder, c))):
-            if not name.lower().endswith(IMAGE_SUFFIXES) or ".tmp." in name:
-                continue
+        names = [n for n in sorted(os.listdir(os.path.join(folder, c)))
+                 if n.lower().endswith(IMAGE_SUFFIXES) and not atomic.is_temporary(n) and ".tmp." not in n]
+        if not names:
+            raise ValueError(f"Synthetic class folder {os.path.join(folder, c)!r} holds no images (an unfinished "
+                             "sample.py run? rerun it: it completes the folder).")
+        for name in names:
             path = os.path.join(folder, c, name)
             try:
                 with Image.open(path) as im:
@@ -104,9 +114,16 @@ def class_list(args) -> list[str]:
     if os.path.isfile(index):
         by_label = {}
         with open(index) as f:
-            for line in f:
-                row = json.loads(line)
-                by_label.setdefault(int(row["label"]), row["class_name"])
+            for number_, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                    by_label.setdefault(int(row["label"]), str(row["class_name"]))
+                except (ValueError, KeyError, TypeError) as err:
+                    raise ValueError(f"{index} line {number_} is not a sample.py index row ({type(err).__name__}: "
+                                     f"{err}); give --class_prompts or --class_names.") from None
+        if sorted(by_label) != list(range(len(by_label))):
+            raise ValueError(f"{index}: its labels {sorted(by_label)} are not 0..K-1; give --class_prompts or "
+                             "--class_names.")
         return [by_label[k] for k in sorted(by_label)]
     if not os.path.isdir(args.synthetic_dir):
         raise FileNotFoundError(f"--synthetic_dir {args.synthetic_dir!r} is not a folder.")
@@ -136,9 +153,9 @@ def split_off(n: int, fraction: float, seed: int):
 def main(argv=None):
     args = parse_args(argv)
     names = class_list(args)
+    syn_images, syn_labels = load_synthetic(args.synthetic_dir, names)  # the cheap checks first
     train = data.load_labelled_images(args, args.real_split, class_names=names, max_samples=args.max_train_samples)
     test = data.load_labelled_images(args, args.test_split, class_names=names, min_classes=1)
-    syn_images, syn_labels = load_synthetic(args.synthetic_dir, names)
     check_sizes(syn_images[0].size, train, args.allow_size_mismatch)
     os.makedirs(args.output_dir, exist_ok=True)
     source = args.train_data_dir and os.path.abspath(args.train_data_dir) or args.dataset_name
@@ -191,27 +208,30 @@ def main(argv=None):
 
 
 def write_outputs(result: dict, output_dir: str) -> None:
-    """metrics.json, a markdown table and a small bar chart."""
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    """metrics.json (strict: a metric that could not be computed, NaN, is null), a markdown table and a small bar
+    chart, each written atomically."""
+    result = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in result.items()}
+    atomic.write_json(os.path.join(output_dir, "metrics.json"), result)
     numbers = {k: v for k, v in result.items() if k.startswith(("fid", "accuracy", "real_reference"))}
-    with open(os.path.join(output_dir, "metrics.md"), "w") as f:
-        f.write(f"Synthetic: {result['synthetic_dir']} ({result['num_synthetic']} images); real: {result['real']}\n\n"
-                "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in numbers.items()))
+    atomic.write_text(os.path.join(output_dir, "metrics.md"),
+                      f"Synthetic: {result['synthetic_dir']} ({result['num_synthetic']} images); real: {result['real']}\n\n"
+                      "| metric | value |\n|---|---|\n" + "".join(
+                          f"| {k} | {'n/a' if v is None else f'{v:.4f}'} |\n" for k, v in numbers.items()))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    fids = {k: v for k, v in numbers.items() if k.startswith("fid")}
-    accs = {k: v for k, v in numbers.items() if not k.startswith("fid")}
+    fids = {k: v for k, v in numbers.items() if k.startswith("fid") and v is not None}
+    accs = {k: v for k, v in numbers.items() if not k.startswith("fid") and v is not None}
     for ax, values, title in ((axes[0], fids, "FID (lower is better)"), (axes[1], accs, "accuracy")):
         ax.bar(range(len(values)), list(values.values()), color="tab:blue")
         ax.set_xticks(range(len(values)), list(values), rotation=20, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "metrics.png"), dpi=100)
+    with atomic.replacing(os.path.join(output_dir, "metrics.png")) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     print("metrics:", json.dumps(numbers))
 

@@ -17,35 +17,35 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, modeling, run_folder, timing
-from dp_sapf.cli import run_cli
+from dp_sapf import atomic, data, distributed, modeling, run_folder, timing
+from dp_sapf.cli import COUNT, FINITE, NON_NEGATIVE, SEED, ArgumentParser, run_cli
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modeling.add_model_args(p)
     p.add_argument("--lora_path", type=str, default=None,
                    help="Training output folder or Hub id holding pytorch_lora_weights.safetensors (None: the base "
                         "model alone, e.g. a full fine-tune's output folder as --pretrained_model_name_or_path).")
-    p.add_argument("--lora_scale", type=float, default=1.0, help="Scale of the LoRA update.")
+    p.add_argument("--lora_scale", type=FINITE, default=1.0, help="Scale of the LoRA update.")
     p.add_argument("--class_prompts", type=str, default=None,
                    help="Class -> prompt mapping (built-in set name, JSON file or inline JSON object). Default: the "
                         "class names and prompts recorded in the training run's privacy_report.json.")
-    p.add_argument("--num_images_per_class", type=int, default=None, help="Images per class.")
-    p.add_argument("--num_images", type=int, default=None,
+    p.add_argument("--num_images_per_class", type=COUNT, default=None, help="Images per class.")
+    p.add_argument("--num_images", type=COUNT, default=None,
                    help="Total images, spread evenly over the classes (the first classes get one more when uneven).")
-    p.add_argument("--num_inference_steps", type=int, default=25, help="Denoising steps.")
-    p.add_argument("--guidance_scale", type=float, default=None,
+    p.add_argument("--num_inference_steps", type=COUNT, default=25, help="Denoising steps.")
+    p.add_argument("--guidance_scale", type=NON_NEGATIVE, default=None,
                    help="Classifier-free guidance scale (default: the pipeline's own, 7.5 for SD, 7.0 for SD3, 4.0 "
                         "for DiT).")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=COUNT, default=None,
                    help="Sampling resolution (default: the training run's --resolution, else the model's own: the "
                         "denoiser's sample_size times the VAE's scale factor, e.g. 512 for SD-v1.5, 32 for the embedded "
                         "default). A DiT samples at its own size only.")
-    p.add_argument("--output_resolution", type=int, default=None,
+    p.add_argument("--output_resolution", type=COUNT, default=None,
                    help="Resize saved images to this size (LANCZOS), e.g. 32 for CIFAR-like data sampled at 256.")
-    p.add_argument("--batch_size", type=int, default=16, help="Images per pipeline call on each process.")
-    p.add_argument("--seed", type=int, default=0, help="Base seed: image k of class c uses seed (seed, c, k).")
+    p.add_argument("--batch_size", type=COUNT, default=16, help="Images per pipeline call on each process.")
+    p.add_argument("--seed", type=SEED, default=0, help="Base seed: image k of class c uses seed (seed, c, k).")
     p.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Weight dtype for sampling (default: accelerate's config).")
     p.add_argument("--compile", action="store_true",
@@ -55,8 +55,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.num_images_per_class is None) == (args.num_images is None):
         p.error("Give exactly one of --num_images_per_class or --num_images.")
-    if (args.num_images_per_class or args.num_images) < 1 or args.batch_size < 1:
-        p.error("Image counts and --batch_size must be >= 1.")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output_dir {args.output_dir!r} is a file, not a folder.")
     return args
 
 
@@ -84,15 +84,22 @@ def image_path(output_dir, class_name, k) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.lora_path:
+        modeling.backbones.check_lora_path(args.lora_path)
     report = run_folder.read_training_report(args.lora_path, args.pretrained_model_name_or_path)
     names, prompts = classes_and_prompts(args, report)
     counts = image_counts(args, len(names))
     accelerator = distributed.make_accelerator(args)
     dtype = modeling.weight_dtype_for(accelerator.mixed_precision)
-    pipe = modeling.load_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                  lora_path=args.lora_path, lora_scale=args.lora_scale, dtype=dtype)
+    modeling.check_model_path(args.pretrained_model_name_or_path)
+    lora_report = run_folder.read_training_report(args.lora_path) if args.lora_path else None
+    pipe = modeling.backbones.load_pipeline(  # checks that the LoRA was trained on this base model
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, lora_path=args.lora_path,
+        lora_scale=args.lora_scale, dtype=dtype, base_signature=(lora_report or {}).get("base_signature"),
+        recorded_base=(lora_report or {}).get("base_model"))
     pipe.to(accelerator.device)
     resolution = (args.resolution or (report or {}).get("resolution") or modeling.backbones.native_resolution(pipe))
+    modeling.backbones.check_sampling_resolution(pipe, resolution)  # before any folder or image is written
     if args.compile:
         if args.lora_path:
             modeling.backbones.fuse_lora(pipe)  # at the scale set above: no adapter branches to trace
@@ -118,9 +125,7 @@ def main(argv=None):
         for (c, k), image in zip(batch, images):
             if args.output_resolution and args.output_resolution != resolution:
                 image = image.resize((args.output_resolution, args.output_resolution), Image.Resampling.LANCZOS)
-            path = image_path(args.output_dir, names[c], k)
-            image.save(path + ".tmp.png")
-            os.replace(path + ".tmp.png", path)  # a killed run never leaves a truncated image behind
+            atomic.save_image(image, image_path(args.output_dir, names[c], k))  # never a truncated image
         timings.unit_done(len(batch))  # the pipeline returned PIL images: the batch is finished
         progress.update(len(batch))
     progress.close()

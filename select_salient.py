@@ -9,7 +9,6 @@ jointly, the clipped sums are added across processes and the noise is added once
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -17,21 +16,23 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, modeling, per_sample, privacy, saliency, timing
-from dp_sapf.cli import add_runtime_args, run_cli
+from dp_sapf import atomic, data, distributed, modeling, per_sample, privacy, saliency, timing
+from dp_sapf.cli import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, ArgumentParser, add_runtime_args, run_cli
 from dp_sapf.seeding import seeded_generator
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modeling.add_model_args(parser)
     data.add_data_args(parser)
     g = parser.add_argument_group("selection")
-    g.add_argument("--select_ratio", type=float, default=0.3,
+    g.add_argument("--select_ratio", type=FRACTION, default=0.3,
                    help="Fraction ρ of candidates to keep: the top ⌈ρ·M⌉ matrices (or ⌈ρ·L⌉ layers), at least one.")
-    g.add_argument("--selection_noise_multiplier", type=float, default=5.0,
-                   help="σ_s: the Gaussian noise std is σ_s·C_s/N on each mean gradient (paper: 5). RDP ε(α) = α/(2σ_s²).")
-    g.add_argument("--selection_max_grad_norm", type=float, default=1.0,
+    g.add_argument("--selection_noise_multiplier", type=NON_NEGATIVE, default=None,
+                   help="σ_s of the Gaussian mechanism (default 5, the paper's): the noise std is σ_s·C_s/N on each mean "
+                        "gradient, RDP ε(α) = α/(2σ_s²). The exponential and PTR mechanisms and the data-free scorers "
+                        "add no Gaussian noise: giving it with them is an error.")
+    g.add_argument("--selection_max_grad_norm", type=POSITIVE, default=1.0,
                    help="C_s: each sample's gradient over ALL candidate matrices is clipped jointly to this norm.")
     g.add_argument("--granularity", choices=saliency.GRANULARITIES, default="matrix",
                    help="matrix: rank single q/k/v matrices; layer: rank attention layers by their concatenated "
@@ -49,11 +50,11 @@ def parse_args(argv=None):
                         "picks, pure ε-DP and RDP α·ε²/(8k); ptr: propose-test-release of the exact top k, "
                         "(--selection_epsilon, --selection_delta)-DP, falling back to a random mask when the test fails. "
                         "Only gaussian releases scores.")
-    g.add_argument("--selection_epsilon", type=float, default=None,
+    g.add_argument("--selection_epsilon", type=POSITIVE, default=None,
                    help="ε_s of the exponential mechanism (all picks together) or of PTR's test. Required by them.")
-    g.add_argument("--selection_delta", type=float, default=None,
+    g.add_argument("--selection_delta", type=PROBABILITY, default=None,
                    help="δ_s of PTR (default 1/(10N), leaving 0.9/N of the default δ = 1/N for training).")
-    g.add_argument("--selection_batch_size", type=int, default=16,
+    g.add_argument("--selection_batch_size", type=COUNT, default=16,
                    help="Samples per pass over all processes (each takes its share). The result does not depend "
                         "on the number of processes (up to float rounding).")
     g.add_argument("--compile", action="store_true",
@@ -65,31 +66,31 @@ def parse_args(argv=None):
                         "their Gram matrices, the clipped sum as one matmul) instead of formed: auto where that is "
                         "smaller (tokens² <= in·out: cross-attention k/v, low-resolution levels), never, always. "
                         "The release is the same.")
-    g.add_argument("--output", type=str, default="saliency_mask.json", help="Where to write the mask JSON.")
+    g.add_argument("--output", type=str, default="saliency_mask.json",
+                   help="Where to write the mask JSON (replaced atomically if it exists).")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
-    saliency.num_selected(args.select_ratio, 1)  # validates the ratio before any work
-    if not args.selection_noise_multiplier >= 0 or not args.selection_max_grad_norm > 0:
-        parser.error("--selection_noise_multiplier must be >= 0 and --selection_max_grad_norm > 0.")
-    if args.selection_mechanism != "gaussian" and args.scorer in saliency.DATA_FREE_SCORERS:
+    data_free = args.scorer in saliency.DATA_FREE_SCORERS
+    if args.selection_noise_multiplier is not None and (data_free or args.selection_mechanism != "gaussian"):
+        parser.error("--selection_noise_multiplier is σ_s of the Gaussian mechanism; " + (
+            f"--scorer {args.scorer} reads no data and adds no noise." if data_free else
+            f"--selection_mechanism {args.selection_mechanism} adds none (its budget is --selection_epsilon)."))
+    if args.selection_noise_multiplier is None:
+        args.selection_noise_multiplier = 5.0
+    if args.selection_mechanism != "gaussian" and data_free:
         parser.error(f"--scorer {args.scorer} reads no data: it needs no --selection_mechanism.")
-    if args.selection_mechanism != "gaussian" and not (args.selection_epsilon is not None
-                                                       and math.isfinite(args.selection_epsilon)
-                                                       and args.selection_epsilon > 0):
+    if args.selection_mechanism != "gaussian" and args.selection_epsilon is None:
         parser.error(f"--selection_mechanism {args.selection_mechanism} needs --selection_epsilon > 0 (finite).")
     if args.selection_mechanism == "gaussian" and args.selection_epsilon is not None:
         parser.error("--selection_epsilon sets the exponential or PTR mechanism's budget; the Gaussian one is set by "
                      "--selection_noise_multiplier (σ_s). Add --selection_mechanism exponential|ptr.")
     if args.selection_delta is not None and args.selection_mechanism != "ptr":
         parser.error("--selection_delta is PTR's δ_s: it needs --selection_mechanism ptr.")
-    if args.selection_delta is not None and not 0 < args.selection_delta < 1:
-        parser.error("--selection_delta must be in (0, 1).")
-    if (args.selection_noise_multiplier == 0 and args.selection_mechanism == "gaussian"
-            and args.scorer not in saliency.DATA_FREE_SCORERS):
+    if os.path.isdir(args.output):
+        parser.error(f"--output {args.output!r} is a folder; give the mask's file name (e.g. {args.output}/mask.json).")
+    if (args.selection_noise_multiplier == 0 and args.selection_mechanism == "gaussian" and not data_free):
         print("warning: --selection_noise_multiplier 0 releases exact scores: the mask is NOT private, and every "
               "model trained on it reports epsilon = inf.", file=sys.stderr)
-    if args.selection_batch_size < 1:
-        parser.error("--selection_batch_size must be >= 1.")
     return args
 
 
@@ -99,10 +100,15 @@ def main(argv=None):
     accelerator = distributed.make_accelerator(args)
     device, weight_dtype = accelerator.device, modeling.weight_dtype_for(accelerator.mixed_precision)
     data_free = args.scorer in saliency.DATA_FREE_SCORERS
+    modeling.check_model_path(args.pretrained_model_name_or_path)
     images = None if data_free else data.load_labelled_images(args, "train", class_names=class_names,
                                                                max_samples=args.max_train_samples)
     parts = modeling.load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
     modeling.backbones.check_resolution(parts, args.resolution)
+    if not data_free:  # dropout masks would be public, positional randomness inside the mechanism
+        per_sample.refuse_dropout(parts.denoiser, f"The {parts.backbone.denoiser_folder} of "
+                                  f"{args.pretrained_model_name_or_path}", "set every dropout of "
+                                  f"{parts.backbone.denoiser_folder}/config.json to 0, or use a data-free --scorer")
     modeling.place(parts, device, weight_dtype)
     modules = saliency.candidate_modules(parts.denoiser, args.candidate_pool)
     n = None if data_free else len(images)
@@ -130,15 +136,14 @@ def main(argv=None):
     mask = saliency.build_mask(
         base_model=args.pretrained_model_name_or_path, modules=modules, pool=args.candidate_pool,
         granularity=args.granularity, ratio=args.select_ratio, scorer=args.scorer, result=result, seed=args.seed,
-        privacy_record=privacy_record, class_names=class_names, class_prompts=prompts)
-    mask["backbone"], mask["pipeline_class"] = parts.backbone.name, parts.backbone.pipeline_class
+        privacy_record=privacy_record, class_names=class_names, class_prompts=prompts,
+        backbone=parts.backbone.name, pipeline_class=parts.backbone.pipeline_class)
     if accelerator.is_main_process:
         saliency.write_mask(mask, args.output)
         summary = timings.summary()
         if not data_free:
             summary["saliency_images_per_s"] = round(n / summary["saliency_pass_s"], 2)
-        with open(os.path.splitext(args.output)[0] + ".timings.json", "w") as f:  # beside, not inside, the release
-            json.dump(summary, f, indent=2)
+        atomic.write_json(os.path.splitext(args.output)[0] + ".timings.json", summary)  # beside, not in, the release
         if (args.scorer == "grad_norm" and args.granularity == "matrix" and args.selection_mechanism == "gaussian"
                 and args.selection_noise_multiplier > 0):
             warn_if_noise_dominates(result, modules, args, n)

@@ -16,21 +16,24 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import traceback
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, hub, modeling, per_sample, privacy, run_folder, saliency, timing
-from dp_sapf.cli import add_runtime_args, run_cli
+from dp_sapf import atomic, data, distributed, hub, modeling, per_sample, privacy, run_folder, saliency, timing
+from dp_sapf.cli import (BETA, COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, PROBABILITY, ArgumentParser,
+                         add_runtime_args, run_cli)
 from dp_sapf.seeding import seeded_generator
 
 logger = logging.getLogger("train_dp_sapf")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modeling.add_model_args(p)
     data.add_data_args(p)
     g = p.add_argument_group("what is trained")
@@ -44,18 +47,18 @@ def parse_args(argv=None):
                    help="lora: train LoRA factors; direct: train the selected weight matrices themselves (the paper's "
                         "'w/o LoRA'; with all_attention the DP-LDM baseline); full: every denoiser parameter (DP-Finetune; "
                         "slow and memory-hungry, per-sample gradients by opacus in fp32 only).")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank r.")
-    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: equal to --rank).")
+    g.add_argument("--rank", type=COUNT, default=4, help="LoRA rank r.")
+    g.add_argument("--lora_alpha", type=POSITIVE, default=None, help="LoRA alpha (default: equal to --rank).")
     g = p.add_argument_group("privacy")
     g.add_argument("--target_epsilon", type=str, default=None,
                    help="Target ε of the whole release (selection + training); σ is calibrated to meet it. "
                         "'inf' trains without privacy (same as --no_dp).")
-    g.add_argument("--target_delta", type=float, default=None, help="δ (default 1/N; a warning above 1/N).")
-    g.add_argument("--noise_multiplier", type=float, default=None,
+    g.add_argument("--target_delta", type=PROBABILITY, default=None, help="δ (default 1/N; a warning above 1/N).")
+    g.add_argument("--noise_multiplier", type=POSITIVE, default=None,
                    help="Give σ directly instead of --target_epsilon; the resulting ε is reported.")
     g.add_argument("--no_dp", action="store_true",
                    help="Non-private training (the 'LoRA w/o DP' comparison): no clipping, no noise, ε = inf.")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="C: per-sample joint clipping norm.")
+    g.add_argument("--max_grad_norm", type=POSITIVE, default=1.0, help="C: per-sample joint clipping norm.")
     g.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp",
                    help="rdp (as the paper; opacus), or the tighter prv (opacus) / pld (dp-accounting).")
     g.add_argument("--per_sample_engine", choices=per_sample.ENGINES, default="auto",
@@ -70,36 +73,40 @@ def parse_args(argv=None):
     g.add_argument("--allow_tf32", action="store_true",
                    help="Allow TF32 matmuls on Ampere+ GPUs (faster fp32 products, slightly less precise).")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=4096,
+    g.add_argument("--train_batch_size", type=COUNT, default=4096,
                    help="Expected logical batch B per step over all processes: Poisson rate q = B/N (paper: 4096).")
-    g.add_argument("--max_physical_batch_size", type=int, default=64,
+    g.add_argument("--max_physical_batch_size", type=COUNT, default=64,
                    help="Samples per forward/backward on each process (memory only; no effect on the result).")
-    g.add_argument("--max_train_steps", type=int, default=1000, help="Number of DP-SGD steps T (paper: 1000).")
-    g.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW learning rate (official code: 5e-4).")
-    g.add_argument("--lr_scheduler", type=str, default="constant",
+    g.add_argument("--max_train_steps", type=COUNT, default=1000, help="Number of DP-SGD steps T (paper: 1000).")
+    g.add_argument("--learning_rate", type=POSITIVE, default=5e-4, help="AdamW learning rate (official code: 5e-4).")
+    g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
                    help='One of diffusers\' schedulers: "linear", "cosine", "cosine_with_restarts", "polynomial", '
                         '"constant", "constant_with_warmup".')
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the scheduler.")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--lr_warmup_steps", type=NON_NEGATIVE_INT, default=0, help="Warm-up steps of the scheduler.")
+    g.add_argument("--adam_beta1", type=BETA, default=0.9, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=BETA, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=NON_NEGATIVE, default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=POSITIVE, default=1e-8, help="AdamW epsilon.")
     g = p.add_argument_group("outputs")
-    g.add_argument("--output_dir", type=str, default="dp-sapf-lora", help="Where results and checkpoints go.")
+    g.add_argument("--output_dir", type=str, default="dp-sapf-lora",
+                   help="Where results and checkpoints go. A folder holding a finished run is refused (see "
+                        "--overwrite_output_dir).")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Replace a finished run in --output_dir (its checkpoints are deleted when the new run starts).")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir (never pushed).")
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help='Tracker: "tensorboard", "wandb", "all" or "none". Logged loss is not private: keep logs internal.')
-    g.add_argument("--checkpointing_steps", type=int, default=500,
+    g.add_argument("--checkpointing_steps", type=COUNT, default=500,
                    help="Save a resumable checkpoint (LoRA, optimizer, scheduler, RNG, privacy ledger) every X steps.")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--checkpoints_total_limit", type=COUNT, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help='"latest" or a checkpoint folder: continue exactly where it stopped, with the same privacy ledger.')
     g.add_argument("--validation_prompt", type=str, default=None,
                    help="Prompt for validation images (default: every class prompt).")
-    g.add_argument("--num_validation_images", type=int, default=1, help="Validation images per prompt.")
-    g.add_argument("--validation_steps", type=int, default=None,
+    g.add_argument("--num_validation_images", type=COUNT, default=1, help="Validation images per prompt.")
+    g.add_argument("--validation_steps", type=COUNT, default=None,
                    help="Render validation images every X steps (and always at the end). Default: only at the end.")
-    g.add_argument("--validation_inference_steps", type=int, default=25, help="Denoising steps of validation images.")
+    g.add_argument("--validation_inference_steps", type=COUNT, default=25, help="Denoising steps of validation images.")
     g.add_argument("--push_to_hub", action="store_true", help="Push the weights, privacy report and model card.")
     g.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id (default: the output folder's name).")
     g.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the stored login).")
@@ -112,21 +119,14 @@ def parse_args(argv=None):
         if args.target_epsilon is not None:
             args.target_epsilon = privacy.parse_target_epsilon(args.target_epsilon)
             args.no_dp = math.isinf(args.target_epsilon)  # 'inf' is the documented --no_dp
-        if args.noise_multiplier is not None:
-            privacy.check_noise_multiplier(args.noise_multiplier)
-        if args.target_delta is not None:
-            privacy.check_delta(args.target_delta)
     except ValueError as err:
         p.error(str(err))
     if args.lora_target == "mask" and not args.saliency_mask:
         p.error("--lora_target mask needs --saliency_mask (run select_salient.py), or use --lora_target all_attention.")
     if args.train_mode == "full" and args.saliency_mask:
         p.error("--train_mode full trains every denoiser parameter; drop --saliency_mask.")
-    for flag in ("train_batch_size", "max_physical_batch_size", "max_train_steps", "rank"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag} must be >= 1.")
-    if args.max_grad_norm <= 0:
-        p.error("--max_grad_norm must be > 0.")
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        p.error("--overwrite_output_dir starts a new run; it cannot --resume_from_checkpoint.")
     return args
 
 
@@ -152,6 +152,7 @@ def render_validation(args, parts, prompts, accelerator, step, weight_dtype):
 
 def main(argv=None):
     args = parse_args(argv)
+    run_folder.check_not_finished(args.output_dir, overwrite=args.overwrite_output_dir)  # before any work
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
@@ -167,14 +168,20 @@ def main(argv=None):
 
     # 1. Load, and check everything that can be checked before the sensitive images are read beyond their count.
     class_names, prompts = data.resolve_classes(args.class_prompts, args.class_names, args.prompt_template)
+    mask = saliency.read_mask(args.saliency_mask) if args.lora_target == "mask" and args.train_mode != "full" else None
+    modeling.check_model_path(args.pretrained_model_name_or_path)
     images = data.load_labelled_images(args, "train", class_names=class_names, max_samples=args.max_train_samples)
     n = len(images)
     if args.train_batch_size > n:
         raise ValueError(f"--train_batch_size {args.train_batch_size} exceeds the dataset size N = {n}: the "
                          "sample rate q = B/N must be at most 1.")
-    mask = saliency.read_mask(args.saliency_mask) if args.lora_target == "mask" and args.train_mode != "full" else None
     parts = modeling.load_pipeline_parts(args.pretrained_model_name_or_path, args.revision, args.variant)
     modeling.backbones.check_resolution(parts, args.resolution)
+    base_signature = modeling.backbones.weights_signature(parts.denoiser)  # before any adapter or dtype cast
+    if private:  # dropout masks would be public, positional randomness inside the mechanism
+        per_sample.refuse_dropout(parts.denoiser, f"The {parts.backbone.denoiser_folder} of "
+                                  f"{args.pretrained_model_name_or_path}", "set every dropout of "
+                                  f"{parts.backbone.denoiser_folder}/config.json to 0 (or train with --no_dp)")
     if mask is not None:
         saliency.check_mask(mask, parts.denoiser, n)
 
@@ -206,6 +213,11 @@ def main(argv=None):
     step_gradients = per_sample.StepGradients(
         modeling.diffusion_loss_fn(model, parts.noise_scheduler, accelerator.autocast), params, private=private,
         max_grad_norm=args.max_grad_norm, engine=engine, accelerator=accelerator, compile=args.compile)
+    # A checkpoint to resume must hold this run's privacy parameters and tensors: checked before anything is written.
+    resume = run_folder.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume is not None:
+        run_folder.check_checkpoint(
+            resume, named, lambda state: privacy.PrivacyLedger.from_state_dict(state).check_compatible(ledger))
 
     # Encoding reads every image: an unreadable one fails here, before the output folder is touched.
     timings = timing.Timings(device)
@@ -216,13 +228,15 @@ def main(argv=None):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         run_folder.write_status(args.output_dir, "running")
+        if args.overwrite_output_dir:  # the replaced run's checkpoints are not this run's
+            for old in run_folder.list_checkpoints(args.output_dir):
+                shutil.rmtree(old)
     try:
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                      num_training_steps=args.max_train_steps)
         first_step, dp_seed = 0, None
-        resume = run_folder.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if args.resume_from_checkpoint and resume is None:
             accelerator.print("No checkpoint to resume from: starting a new run.")
         if resume is not None:
@@ -280,7 +294,8 @@ def main(argv=None):
 
         # 5. Outputs.
         if accelerator.is_main_process:
-            finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings)
+            finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings,
+                           base_signature)
     except BaseException as err:
         if accelerator.is_main_process and os.path.isdir(args.output_dir):
             run_folder.write_status(args.output_dir, "failed", error=f"{type(err).__name__}: {err}",
@@ -289,7 +304,8 @@ def main(argv=None):
     distributed.finish(accelerator)
 
 
-def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings):
+def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings,
+                   base_signature=None):
     """Weights, report, validation grid, card; run_status 'complete' last, so a crash never looks done.
 
     The run's own timings go to run_status.json (never pushed: run times are not covered by the guarantee).
@@ -303,18 +319,20 @@ def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask,
                                                              "select_ratio", "scorer", "num_selected",
                                                              "candidate_fingerprint", "target_modules")},
         base_model=args.pretrained_model_name_or_path, resolution=args.resolution, class_names=class_names,
-        class_prompts=prompts, backbone=parts.backbone.name, pipeline_class=parts.backbone.pipeline_class)
+        class_prompts=prompts, backbone=parts.backbone.name, pipeline_class=parts.backbone.pipeline_class,
+        base_signature=base_signature)
     if args.train_mode == "lora":
-        modeling.save_lora(denoiser, args.output_dir)
+        modeling.save_lora(denoiser, args.output_dir)  # atomic (backbones.save_lora)
     else:
-        modeling.backbones.pipeline_from_parts(args.pretrained_model_name_or_path, parts, denoiser,
-                                               revision=args.revision, variant=args.variant
-                                               ).save_pretrained(args.output_dir)
+        with atomic.staged_folder(args.output_dir) as stage:  # every file renamed into place whole
+            modeling.backbones.pipeline_from_parts(args.pretrained_model_name_or_path, parts, denoiser,
+                                                   revision=args.revision, variant=args.variant).save_pretrained(stage)
     run_folder.write_json(args.output_dir, run_folder.REPORT_FILE, report)
     if mask is not None:
         saliency.write_mask(mask, os.path.join(args.output_dir, run_folder.MASK_FILE))
     images = render_validation(args, parts, prompts, accelerator, ledger.steps_done, weight_dtype)
-    data.image_grid(images, columns=min(len(images), 10)).save(os.path.join(args.output_dir, run_folder.GRID_FILE))
+    atomic.save_image(data.image_grid(images, columns=min(len(images), 10)),
+                      os.path.join(args.output_dir, run_folder.GRID_FILE))
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     hub.write_model_card(args.output_dir, repo_id=repo_id if args.push_to_hub else None,
                          base_model=args.pretrained_model_name_or_path, report=report, class_prompts=prompts,

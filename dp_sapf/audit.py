@@ -274,23 +274,28 @@ def run_audit(model_dir: str, *, trials: int, noise_multiplier: float, canary: s
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .atomic import write_json
+    from .cli import COUNT, FRACTION, POSITIVE, PROBABILITY, SEED, ArgumentParser
+    from .privacy import finite_or_none
+
+    parser = ArgumentParser(prog="python -m dp_sapf.audit", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     modeling.add_model_args(parser)
-    parser.add_argument("--trials", type=int, default=500, help="Trials per world (with / without the canary).")
+    parser.add_argument("--trials", type=COUNT, default=500, help="Trials per world (with / without the canary).")
     parser.add_argument("--canary", choices=CANARIES, default="gradient",
                         help="gradient: a Dirac per-sample gradient on a coordinate no other sample touches (tight); "
                              "input: a real input with scaled-up conditioning, scored by an adversary who predicts "
                              "both worlds with the code and the public seed.")
-    parser.add_argument("--noise_multiplier", type=float, default=3.0, help="σ of the audited step.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="C of the audited step.")
-    parser.add_argument("--sample_rate", type=float, default=1.0, help="Poisson rate q of the audited step.")
-    parser.add_argument("--batch_size", type=int, default=8, help="Other samples in the dataset of both worlds.")
-    parser.add_argument("--canary_scale", type=float, default=10.0,
+    parser.add_argument("--noise_multiplier", type=POSITIVE, default=3.0, help="σ of the audited step.")
+    parser.add_argument("--max_grad_norm", type=POSITIVE, default=1.0, help="C of the audited step.")
+    parser.add_argument("--sample_rate", type=FRACTION, default=1.0, help="Poisson rate q of the audited step.")
+    parser.add_argument("--batch_size", type=COUNT, default=8, help="Other samples in the dataset of both worlds.")
+    parser.add_argument("--canary_scale", type=POSITIVE, default=10.0,
                         help="The gradient canary's size before clipping, in units of C.")
     parser.add_argument("--per_sample_engine", choices=per_sample.ENGINES, default="auto",
                         help="The per-sample engine audited (auto: what the training script picks).")
-    parser.add_argument("--delta", type=float, default=1e-5, help="δ of the claim and the bound.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the data, the canary and the trials' DP seeds.")
+    parser.add_argument("--delta", type=PROBABILITY, default=1e-5, help="δ of the claim and the bound.")
+    parser.add_argument("--seed", type=SEED, default=0, help="Seed of the data, the canary and the trials' DP seeds.")
     parser.add_argument("--inject_bug", choices=BUGS, default="none",
                         help="Audit a deliberately broken step (clipping off, a tenth of the noise, or public "
                              "position-keyed per-sample draws) to see the audit catch it. Never for a real release.")
@@ -302,9 +307,9 @@ def main(argv=None):
                            sample_rate=args.sample_rate, batch_size=args.batch_size, canary_scale=args.canary_scale,
                            delta=args.delta, seed=args.seed, engine=args.per_sample_engine)
     result["injected_bug"] = args.inject_bug
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f)
+    if args.output:  # strict JSON: an infinite bound (every trial told apart) is null
+        write_json(args.output, {k: finite_or_none(v) if isinstance(v, float) else v for k, v in result.items()},
+                   indent=None)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("scores")}, indent=2))
     bounds = [result["epsilon_lower"]] + ([result["epsilon_lower_gdp"]] if "epsilon_lower_gdp" in result else [])
     verdict = "consistent with" if max(bounds) <= result["epsilon_claimed"] else "VIOLATES"
@@ -314,4 +319,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_cli
+
+    run_cli(main)

@@ -18,6 +18,7 @@ timestep index picks σ from the training scheduler's table.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -226,12 +227,21 @@ def add_adapter(model, config) -> None:
 
 
 def save_lora(model, output_dir: str) -> str:
-    """pytorch_lora_weights.safetensors in the format the backbone's loader reads.
+    """pytorch_lora_weights.safetensors in the format the backbone's loader reads, written atomically.
 
     sd/sd3: diffusers' `save_lora_weights` (`pipe.load_lora_weights(output_dir)`), with the adapter metadata so
     lora_alpha != rank reloads right. dit: peft's state dict (keys without the adapter name) with the LoraConfig
-    in the safetensors metadata, read back by `load_peft_lora`.
+    in the safetensors metadata, read back by `load_peft_lora`. Either is written into a staging folder and
+    renamed into `output_dir` (`atomic.staged_folder`): a crash never leaves a truncated weights file.
     """
+    from .atomic import staged_folder
+
+    with staged_folder(output_dir) as stage:
+        _save_lora_into(model, stage)
+    return os.path.join(output_dir, WEIGHTS_NAME)
+
+
+def _save_lora_into(model, output_dir: str) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -241,11 +251,10 @@ def save_lora(model, output_dir: str) -> str:
     if backbone.name == "dit":
         from safetensors.torch import save_file
 
-        os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, WEIGHTS_NAME)
         meta = {"lora_config": json.dumps(config.to_dict(), default=list), "format": "peft", "backbone": "dit"}
         save_file({k: v.detach().contiguous() for k, v in state.items()}, path, metadata=meta)
-        return path
+        return
     layers = convert_state_dict_to_diffusers(state)
     if backbone.name == "sd3":
         from diffusers import StableDiffusion3Pipeline
@@ -258,7 +267,81 @@ def save_lora(model, output_dir: str) -> str:
 
         StableDiffusionPipeline.save_lora_weights(save_directory=output_dir, unet_lora_layers=layers,
                                                   safe_serialization=True, unet_lora_adapter_metadata=config.to_dict())
-    return os.path.join(output_dir, WEIGHTS_NAME)
+
+
+def lora_file(lora_path: str) -> str | None:
+    """The local weights file of a --lora_path (a folder or the .safetensors itself); None for a Hub id."""
+    path = lora_path if lora_path.endswith(".safetensors") else os.path.join(lora_path, WEIGHTS_NAME)
+    return path if os.path.isfile(path) else None
+
+
+def weights_signature(denoiser, count: int = 8) -> dict[str, float]:
+    """A few numbers that tell base models apart: mean |w| of `count` parameters spread over the denoiser (by
+    name, before any adapter is added). Public (the base model is public); compared with a 1% tolerance, so the
+    same weights loaded in fp32, fp16 or bf16 match while another checkpoint of the same architecture does not."""
+    named = [(n, p) for n, p in denoiser.named_parameters() if ".lora_" not in n and p.numel() > 1]
+    picks = sorted({round(i * (len(named) - 1) / max(1, count - 1)) for i in range(count)}) if named else []
+    return {named[i][0]: float(f"{named[i][1].detach().float().abs().mean().item():.6g}") for i in picks}
+
+
+def check_same_base(denoiser, signature: dict | None, lora_path: str, recorded_base: str | None = None) -> None:
+    """Refuse a LoRA whose training run recorded another base model's `weights_signature`."""
+    if not signature:
+        return  # a LoRA from elsewhere (the Hub, an older run): the shape check is what there is
+    mine = weights_signature(denoiser, len(signature))
+    for name, value in signature.items():
+        ours = mine.get(name)
+        if ours is None or not math.isclose(ours, value, rel_tol=1e-2, abs_tol=1e-8):
+            raise ValueError(f"--lora_path {lora_path} was trained on another base model ("
+                             f"{recorded_base or 'see its privacy_report.json'}): its recorded weights of {name} "
+                             f"differ from this model's. Sample with the base model it was trained on.")
+
+
+def check_lora_path(lora_path: str) -> str | None:
+    """The local weights file of --lora_path; None for a Hub id; FileNotFoundError for a path that is not there."""
+    path = lora_file(lora_path)
+    if path is None:
+        looks_local = os.path.isabs(lora_path) or lora_path.startswith(".") or lora_path.count("/") != 1
+        if not os.path.exists(lora_path) and (looks_local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")):
+            raise FileNotFoundError(f"--lora_path {lora_path!r} does not exist" + ("" if looks_local else
+                                    " (and the Hub is offline: HF_HUB_OFFLINE)") + ".")
+        if os.path.isdir(lora_path):
+            raise FileNotFoundError(f"--lora_path {lora_path!r} holds no {WEIGHTS_NAME} (a training output folder "
+                                    "of train_dp_sapf.py --train_mode lora has one).")
+    return path
+
+
+def check_lora_fits(denoiser, lora_path: str) -> None:
+    """A LoRA must adapt modules this denoiser has, with matching shapes; else it was trained on another base
+    model (diffusers' loader would skip unknown modules silently or fail with a size-mismatch traceback)."""
+    from safetensors import safe_open
+
+    path = check_lora_path(lora_path)
+    if path is None:
+        return  # a Hub id: diffusers' loader checks it
+    try:
+        with safe_open(path, "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"--lora_path {path}: not a LoRA weights file ({type(err).__name__}: {err}).") from None
+    linears = dict(denoiser.named_modules())
+    for key, shape in shapes.items():
+        for marker, down in ((".lora_A.", True), (".lora.down.", True), (".lora_B.", False), (".lora.up.", False)):
+            if marker in key:
+                break
+        else:
+            continue
+        module = key.split(marker)[0]
+        for prefix in ("unet.", "transformer."):
+            module = module.removeprefix(prefix)
+        target = linears.get(module)
+        if target is None or not isinstance(target, torch.nn.Linear):
+            raise ValueError(f"--lora_path {path} was trained on another base model: it adapts {module!r}, which "
+                             "this model does not have. Sample with the base model it was trained on.")
+        if len(shape) != 2 or (shape[1] if down else shape[0]) != (target.in_features if down else target.out_features):
+            raise ValueError(f"--lora_path {path} was trained on another base model: its {key} has shape "
+                             f"{list(shape)}, which does not fit {module} ({target.in_features} -> "
+                             f"{target.out_features}). Sample with the base model it was trained on.")
 
 
 def load_peft_lora(model, lora_path: str, scale: float = 1.0) -> None:
@@ -267,9 +350,7 @@ def load_peft_lora(model, lora_path: str, scale: float = 1.0) -> None:
     from peft import LoraConfig, set_peft_model_state_dict
     from safetensors import safe_open
 
-    path = lora_path if lora_path.endswith(".safetensors") else os.path.join(lora_path, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        path = hf_hub_download(lora_path, WEIGHTS_NAME)
+    path = lora_file(lora_path) or hf_hub_download(lora_path, WEIGHTS_NAME)
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -284,8 +365,9 @@ def load_peft_lora(model, lora_path: str, scale: float = 1.0) -> None:
 
 
 def load_pipeline(path: str, *, revision=None, variant=None, lora_path=None, lora_scale: float = 1.0,
-                  dtype=torch.float32):
-    """The backbone's pipeline with the DP LoRA loaded (diffusers' loader for sd/sd3, peft for dit)."""
+                  dtype=torch.float32, base_signature: dict | None = None, recorded_base: str | None = None):
+    """The backbone's pipeline with the DP LoRA loaded (diffusers' loader for sd/sd3, peft for dit), after checking
+    that the LoRA fits this base model (its modules and shapes, and the training run's `base_signature`)."""
     import diffusers
 
     backbone = detect(path, revision)
@@ -293,6 +375,9 @@ def load_pipeline(path: str, *, revision=None, variant=None, lora_path=None, lor
     extra = (dict(safety_checker=None, requires_safety_checker=False) if backbone.name == "sd" else
              SD3_ABSENT if backbone.name == "sd3" else {})
     pipe = cls.from_pretrained(path, revision=revision, variant=variant, dtype=dtype, **extra)
+    if lora_path:
+        check_lora_fits(getattr(pipe, backbone.denoiser_folder), lora_path)
+        check_same_base(getattr(pipe, backbone.denoiser_folder), base_signature, lora_path, recorded_base)
     if lora_path and backbone.diffusers_lora_loader:
         pipe.load_lora_weights(lora_path)
         if lora_scale != 1.0:
@@ -346,11 +431,41 @@ def native_resolution(pipe) -> int:
     return denoiser.config.sample_size * factor
 
 
+def resolution_step(backbone_name: str, vae_scale_factor: int, patch_size: int = 1) -> int:
+    """Sizes a pipeline renders are multiples of: SD's pipeline asks for a multiple of 8 (and of its VAE's
+    factor), SD3's of the VAE factor times the patch size."""
+    if backbone_name == "sd3":
+        return vae_scale_factor * patch_size
+    return math.lcm(8, vae_scale_factor)
+
+
 def check_resolution(parts, resolution: int) -> None:
-    """DiTPipeline samples at its native size only, so a DiT must be fine-tuned at that size too."""
-    if parts.backbone.name == "dit" and resolution != native_resolution(parts):
-        raise ValueError(f"--resolution {resolution}: a DiT trains and samples at its native "
-                         f"{native_resolution(parts)} px only; use --resolution {native_resolution(parts)}.")
+    """DiTPipeline samples at its native size only, so a DiT must be fine-tuned at that size too; SD and SD3 take
+    the sizes their pipelines render (the validation images are rendered at --resolution)."""
+    if parts.backbone.name == "dit":
+        if resolution != native_resolution(parts):
+            raise ValueError(f"--resolution {resolution}: a DiT trains and samples at its native "
+                             f"{native_resolution(parts)} px only; use --resolution {native_resolution(parts)}.")
+        return
+    step = resolution_step(parts.backbone.name, 2 ** (len(parts.vae.config.block_out_channels) - 1),
+                           int(getattr(parts.denoiser.config, "patch_size", None) or 1))
+    if resolution % step:
+        raise ValueError(f"--resolution {resolution}: this model renders multiples of {step} px only, e.g. "
+                         f"{max(step, resolution // step * step)}.")
+
+
+def check_sampling_resolution(pipe, resolution: int) -> None:
+    """`check_resolution` for a loaded pipeline (sample.py), before any image is rendered."""
+    if type(pipe).__name__ == "DiTPipeline":
+        if resolution != native_resolution(pipe):
+            raise ValueError(f"--resolution {resolution}: a DiT samples at its native {native_resolution(pipe)} px "
+                             "only.")
+        return
+    name = "sd3" if type(pipe).__name__ == "StableDiffusion3Pipeline" else "sd"
+    step = resolution_step(name, int(pipe.vae_scale_factor), int(getattr(pipe, "patch_size", None) or 1))
+    if resolution % step:
+        raise ValueError(f"--resolution {resolution}: this model renders multiples of {step} px only, e.g. "
+                         f"{max(step, resolution // step * step)}.")
 
 
 def generate(pipe, *, class_ids: list[int], prompts: list[str], generators, num_inference_steps: int,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cli import COUNT
 from .seeding import seeded_generator
 
 # Paper Table 14 (docs/design.md §1) plus the offline sets. Keys are normalised class names (see `normalise_name`).
@@ -63,7 +64,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, with_augmentation: bool = 
                         "with the label column.")
     g.add_argument("--image_column", type=str, default="image", help="The column holding the images.")
     g.add_argument("--label_column", type=str, default="label", help="The column holding the class labels.")
-    g.add_argument("--max_train_samples", type=int, default=None,
+    g.add_argument("--max_train_samples", type=COUNT, default=None,
                    help="Keep only the first K training samples (debugging, quick runs). N is then K.")
     g.add_argument("--class_prompts", type=str, default=None,
                    help="The public classes and their prompts: a built-in set (" + ", ".join(BUILTIN_CLASS_PROMPTS) +
@@ -77,7 +78,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, with_augmentation: bool = 
     g.add_argument("--prompt_template", type=str, default=DEFAULT_PROMPT_TEMPLATE,
                    help="Prompt for each class of --class_names when --class_prompts is not given; '{}' is the name.")
     g.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` caches downloads.")
-    g.add_argument("--resolution", type=int, default=512,
+    g.add_argument("--resolution", type=COUNT, default=512,
                    help="Images are resized (shorter side) and cropped to this many pixels before VAE encoding.")
     if with_augmentation:
         g.add_argument("--center_crop", action="store_true",
@@ -194,7 +195,9 @@ def _label_indices(values, feature, class_names: list[str]) -> np.ndarray:
         out = np.array([public.get(normalise_name(str(v)), -1) for v in values], dtype=np.int64)
         unknown = sorted({str(v) for v, o in zip(values, out) if o < 0})
     if unknown:
-        raise ValueError(f"{int((out < 0).sum())} images have labels outside the public class list {class_names}: "
+        count = int((out < 0).sum())
+        raise ValueError(f"{count} image{'s' if count != 1 else ''} ha{'ve' if count != 1 else 's'} labels outside "
+                         f"the public class list {class_names}: "
                          f"{unknown[:5]}. Add them to --class_names / --class_prompts, or leave those images out.")
     return out
 
@@ -209,6 +212,9 @@ def load_labelled_images(args: argparse.Namespace, split: str = "train", *, clas
     if args.train_data_dir:
         if not os.path.isdir(args.train_data_dir):
             raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} is not a folder.")
+        if not any(files for _, _, files in os.walk(args.train_data_dir)):
+            raise ValueError(f"--train_data_dir {args.train_data_dir!r} holds no files (empty class folders?): an "
+                             "imagefolder has one subfolder of images per class.")
         loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
     else:
         loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
@@ -423,13 +429,15 @@ def image_grid(images: list, columns: int) -> Image.Image:
 
 def write_synthetic_index(output_dir: str, names: list[str], prompts: list[str], counts: list[int]) -> None:
     """A labelled synthetic folder's metadata.jsonl (file, label, class, prompt) and preview.png (up to 8 images
-    per class); the images are <output_dir>/<class>/<k:05d>.png (sample.py's and private_evolution.py's format)."""
-    with open(os.path.join(output_dir, "metadata.jsonl"), "w") as f:
-        for c, (name, prompt) in enumerate(zip(names, prompts)):
-            for k in range(counts[c]):
-                f.write(json.dumps({"file_name": f"{name}/{k:05d}.png", "label": c, "class_name": name,
-                                    "prompt": prompt}) + "\n")
+    per class); the images are <output_dir>/<class>/<k:05d>.png (sample.py's and private_evolution.py's format).
+    Both files are written atomically (evaluate.py and compare.py trust a metadata.jsonl that exists)."""
+    from .atomic import save_image, write_text
+
+    write_text(os.path.join(output_dir, "metadata.jsonl"), "".join(
+        json.dumps({"file_name": f"{name}/{k:05d}.png", "label": c, "class_name": name, "prompt": prompt},
+                   allow_nan=False) + "\n"
+        for c, (name, prompt) in enumerate(zip(names, prompts)) for k in range(counts[c])))
     columns = min(8, max(counts))
     cells = [Image.open(os.path.join(output_dir, name, f"{k:05d}.png")) if k < counts[c] else None
              for c, name in enumerate(names) for k in range(columns)]
-    image_grid(cells, columns).save(os.path.join(output_dir, "preview.png"))
+    save_image(image_grid(cells, columns), os.path.join(output_dir, "preview.png"))

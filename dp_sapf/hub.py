@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 
-from . import run_folder
+from . import atomic, run_folder
 
 RELEASE_PATTERNS = (run_folder.WEIGHTS_FILE, "README.md", run_folder.REPORT_FILE, run_folder.MASK_FILE,
                     run_folder.GRID_FILE, "model_index.json", "*/config.json", "*/*.safetensors", "*/*.json",
@@ -22,9 +22,11 @@ def release_files(output_dir: str) -> list[str]:
     out = []
     for root, dirs, files in os.walk(output_dir):
         rel_root = os.path.relpath(root, output_dir)
-        dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(os.path.normpath(os.path.join(rel_root, d)), p)
-                                              for p in PRIVATE_PATTERNS)]
+        dirs[:] = [d for d in dirs if not atomic.is_temporary(d) and not any(
+            fnmatch.fnmatch(os.path.normpath(os.path.join(rel_root, d)), p) for p in PRIVATE_PATTERNS)]
         for f in files:
+            if atomic.is_temporary(f):  # an unfinished write
+                continue
             rel = os.path.normpath(os.path.join(rel_root, f))
             if any(fnmatch.fnmatch(rel, p) for p in RELEASE_PATTERNS) and not any(
                     fnmatch.fnmatch(rel, p) for p in PRIVATE_PATTERNS):
@@ -118,8 +120,7 @@ def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, r
         "neighbouring": "add/remove one image" if private else None,
     }
     path = os.path.join(output_dir, "README.md")
-    card.save(path)
-    return path
+    return atomic.write_text(path, str(card))  # what card.save writes, atomically
 
 
 def push_to_hub(output_dir: str, repo_id: str, token: str | None = None) -> str:

@@ -105,9 +105,10 @@ def cached_features(key: dict, compute, cache_dir: str | None) -> np.ndarray:
     if os.path.isfile(path):
         return np.load(path)["features"]
     features = compute()
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(path + ".tmp.npz", features=features, key=json.dumps(key))
-    os.replace(path + ".tmp.npz", path)
+    from .atomic import replacing
+
+    with replacing(path) as tmp:  # its name ends in .npz, so np.savez keeps it
+        np.savez(tmp, features=features, key=json.dumps(key))
     return features
 
 

@@ -96,8 +96,8 @@ def prepare(name: str, output_dir: str, max_per_class: int | None = None,
             for i in tqdm(keep, desc=f"{name} {split}"):
                 Image.fromarray(images[i], mode="L").save(os.path.join(tmp, split, class_names[labels[i]], f"{i:05d}.png"))
             info["counts"][split] = {c: int((labels[keep] == k).sum()) for k, c in enumerate(class_names)}
-        with open(os.path.join(tmp, "dataset_info.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        with open(os.path.join(tmp, "dataset_info.json"), "w") as f:  # the whole folder is renamed into place
+            json.dump(info, f, indent=2, allow_nan=False)
         staged = os.path.join(parent, f".{os.path.basename(output_dir)}.staged")
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(tmp, staged)
@@ -107,16 +107,19 @@ def prepare(name: str, output_dir: str, max_per_class: int | None = None,
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import COUNT, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m dp_sapf.prepare_data", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, choices=sorted(SOURCES) + ["public_corpus"],
                         help="Which offline real dataset; `public_corpus` is the captioned public pretraining corpus "
                              "(dp_sapf/public_corpus.py: clip art, emoji, MNIST-5k train digits), never a sensitive set.")
     parser.add_argument("--output_dir", required=True, help="Folder for train/ and test/ (replaced if it exists).")
-    parser.add_argument("--max_per_class", type=int, default=None, help="Keep the first K training images per class.")
-    parser.add_argument("--test_max_per_class", type=int, default=None, help="Keep the first K test images per class.")
+    parser.add_argument("--max_per_class", type=COUNT, default=None, help="Keep the first K training images per class.")
+    parser.add_argument("--test_max_per_class", type=COUNT, default=None, help="Keep the first K test images per class.")
     parser.add_argument("--sources", default="openclipart,emoji,mnist5k",
                         help="public_corpus only: comma-separated public sources (openclipart, emoji, mnist5k).")
-    parser.add_argument("--workers", type=int, default=2, help="public_corpus only: processes decoding images.")
+    parser.add_argument("--workers", type=COUNT, default=2, help="public_corpus only: processes decoding images.")
     parser.add_argument("--grid", default=None, help="public_corpus only: also write a grid of the corpus here (PNG).")
     parser.add_argument("--datasheet", default=None,
                         help="public_corpus only: also write the datasheet as Markdown here (docs/public_corpus.md).")
@@ -133,8 +136,9 @@ def main(argv=None):
         if args.datasheet:
             command = ("python -m dp_sapf.prepare_data --name public_corpus --output_dir ~/.cache/dp-sapf/corpus "
                        "--grid docs/public_corpus_grid.png --datasheet docs/public_corpus.md")
-            with open(args.datasheet, "w", encoding="utf-8") as f:
-                f.write(datasheet_markdown(sheet, command))
+            from .atomic import write_text
+
+            write_text(args.datasheet, datasheet_markdown(sheet, command))
         print(f"Wrote {sheet['total']} captioned images to {args.output_dir} (kept {sheet['kept']}, "
               f"dropped {sheet['dropped']})")
         return

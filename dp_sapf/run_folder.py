@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import numpy as np
 import torch
+
+from . import atomic
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 REPORT_FILE = "privacy_report.json"
@@ -26,9 +27,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def write_status(output_dir: str, status: str, **extra) -> None:
-    """run_status.json says whether the folder is a finished result, still running, or failed."""
-    with open(os.path.join(output_dir, STATUS_FILE), "w") as f:
-        json.dump({"status": status, **extra}, f, indent=2)
+    """run_status.json says whether the folder is a finished result, still running, or failed (atomic)."""
+    atomic.write_json(os.path.join(output_dir, STATUS_FILE), {"status": status, **extra})
 
 
 def read_status(output_dir: str) -> str | None:
@@ -36,15 +36,25 @@ def read_status(output_dir: str) -> str | None:
     path = os.path.join(output_dir, STATUS_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f).get("status")
+    try:
+        record = atomic.load_json(path)
+    except ValueError as err:
+        raise ValueError(f"{path} is not a run status written by train_dp_sapf.py: {err}") from None
+    return record.get("status") if isinstance(record, dict) else None
 
 
 def write_json(output_dir: str, name: str, record: dict) -> str:
-    path = os.path.join(output_dir, name)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    return path
+    """A JSON file of the run folder, strict and atomic (`atomic.write_json`)."""
+    return atomic.write_json(os.path.join(output_dir, name), record)
+
+
+def check_not_finished(output_dir: str, overwrite: bool = False) -> None:
+    """A folder that holds a finished run is a result: a new run goes elsewhere unless told to replace it."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} is a file, not a folder.")
+    if not overwrite and os.path.isdir(output_dir) and read_status(output_dir) == "complete":
+        raise ValueError(f"--output_dir {output_dir!r} already holds a finished run ({STATUS_FILE}: complete). "
+                         "Choose another folder, delete it, or pass --overwrite_output_dir to replace it.")
 
 
 def read_training_report(*folders: str | None) -> dict | None:
@@ -57,8 +67,13 @@ def read_training_report(*folders: str | None) -> dict | None:
             raise ValueError(f"{folder} is not a finished training run (run_status.json says {status!r}).")
         path = os.path.join(folder, REPORT_FILE)
         if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
+            try:
+                report = atomic.load_json(path)
+            except ValueError as err:
+                raise ValueError(f"{path} is not a privacy report written by train_dp_sapf.py: {err}") from None
+            if not isinstance(report, dict):
+                raise ValueError(f"{path} is not a privacy report written by train_dp_sapf.py.")
+            return report
     return None
 
 
@@ -78,9 +93,34 @@ def resolve_checkpoint(output_dir: str, which: str | None) -> str | None:
     if which == "latest":
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
-    if not os.path.isdir(which):
-        raise FileNotFoundError(f"--resume_from_checkpoint {which!r} is not a checkpoint folder.")
+    if not os.path.isdir(which) or not os.path.isfile(os.path.join(which, "ledger.json")):
+        raise FileNotFoundError(f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no ledger.json).")
     return which
+
+
+def check_checkpoint(path: str, tensors: dict[str, torch.Tensor], check_ledger) -> dict:
+    """Before anything is written: the checkpoint must be readable, hold this run's privacy parameters
+    (`check_ledger(saved_ledger_state)` raises otherwise) and exactly this run's trainable tensors and shapes."""
+    from safetensors import safe_open
+
+    try:
+        saved = atomic.load_json(os.path.join(path, "ledger.json"))
+        check = {k: saved[k] for k in ("step", "dp_seed", "ledger")}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"Checkpoint {path} is unreadable or incomplete ({type(err).__name__}: {err}).") from None
+    check_ledger(check["ledger"])
+    weights = os.path.join(path, "trainable.safetensors")
+    try:
+        with safe_open(weights, "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"Checkpoint {path}: {weights} is unreadable ({type(err).__name__}: {err}).") from None
+    wanted = {k: tuple(p.shape) for k, p in tensors.items()}
+    if shapes != wanted:
+        other = sorted(set(shapes) ^ set(wanted)) or sorted(k for k in wanted if shapes[k] != wanted[k])
+        raise ValueError(f"Checkpoint {path} holds other trainable tensors than this run (another mask, --rank or "
+                         f"--train_mode?), e.g. {other[0]!r}. Resume with the same flags, or start a new run.")
+    return saved
 
 
 def save_checkpoint(output_dir: str, step: int, tensors: dict[str, torch.Tensor], optimizer, lr_scheduler,
@@ -104,7 +144,7 @@ def save_checkpoint(output_dir: str, step: int, tensors: dict[str, torch.Tensor]
     ledger_path = os.path.join(tmp, "ledger.json")
     fd = os.open(ledger_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"step": step, "dp_seed": dp_seed, "seed": public_seed, "ledger": ledger_state}, f, indent=2)
+        f.write(atomic.dumps_json({"step": step, "dp_seed": dp_seed, "seed": public_seed, "ledger": ledger_state}))
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), 0o600)
     shutil.rmtree(final, ignore_errors=True)
@@ -122,8 +162,7 @@ def load_checkpoint(path: str, tensors: dict[str, torch.Tensor], optimizer, lr_s
     """
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, "ledger.json")) as f:
-        saved = json.load(f)
+    saved = atomic.load_json(os.path.join(path, "ledger.json"))
     check_ledger(saved["ledger"])
     stored = load_file(os.path.join(path, "trainable.safetensors"))
     if set(stored) != set(tensors):

@@ -26,21 +26,29 @@ DATA_SCORERS = ("grad_norm", "fisher", "snip")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dp_sapf.cli import COUNT, FRACTION, POSITIVE, SEED, ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-mnist5k"), help="The public pipeline.")
     p.add_argument("--data_dir", default=os.path.join(REPO, "runs", "scorer_overlap", "data"),
                    help="Fashion-MNIST imagefolder (prepared here from Debian's package if absent).")
-    p.add_argument("--max_per_class", type=int, default=100, help="Train images per class (N = 10 × this).")
-    p.add_argument("--select_ratio", type=float, default=0.3, help="ρ: k = ⌈ρ·M⌉.")
-    p.add_argument("--selection_noise_multiplier", type=float, default=5.0, help="σ_s of the Gaussian rows.")
-    p.add_argument("--selection_epsilon", type=float, default=1.0, help="ε_s of the exponential rows.")
-    p.add_argument("--repeats", type=int, default=20, help="Draws of each mechanism's randomness.")
-    p.add_argument("--batch_size", type=int, default=50, help="Micro-batch of the pass (memory only).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the diffusion draws and of the mechanisms' draws.")
+    p.add_argument("--max_per_class", type=COUNT, default=100, help="Train images per class (N = 10 × this).")
+    p.add_argument("--select_ratio", type=FRACTION, default=0.3, help="ρ: k = ⌈ρ·M⌉.")
+    p.add_argument("--selection_noise_multiplier", type=POSITIVE, default=5.0, help="σ_s of the Gaussian rows.")
+    p.add_argument("--selection_epsilon", type=POSITIVE, default=1.0, help="ε_s of the exponential rows.")
+    p.add_argument("--repeats", type=COUNT, default=20, help="Draws of each mechanism's randomness.")
+    p.add_argument("--batch_size", type=COUNT, default=50, help="Micro-batch of the pass (memory only).")
+    p.add_argument("--seed", type=SEED, default=0, help="Seed of the diffusion draws and of the mechanisms' draws.")
     p.add_argument("--output", default=os.path.join(REPO, "results", "scorers", "overlap.json"),
                    help="JSON record (not in results/ itself, where compare.py's run records live).")
     p.add_argument("--markdown", default=os.path.join(REPO, "docs", "scorers.md"), help="The table page.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.public_model, "model_index.json")):
+        p.error(f"--public_model {args.public_model!r} is not a diffusers pipeline folder (no model_index.json).")
+    for flag in ("output", "markdown"):
+        if os.path.isdir(getattr(args, flag)):
+            p.error(f"--{flag} {getattr(args, flag)!r} is a folder; give a file name.")
+    return args
 
 
 def overlap(a: list[str], b: list[str]) -> float:
@@ -52,7 +60,7 @@ def main(argv=None):
     import torch
     from scipy.stats import spearmanr
 
-    from dp_sapf import data, modeling, prepare_data, saliency
+    from dp_sapf import atomic, data, modeling, prepare_data, saliency
     from dp_sapf.seeding import seeded_generator
 
     if not os.path.isfile(os.path.join(args.data_dir, "dataset_info.json")):
@@ -103,11 +111,8 @@ def main(argv=None):
                   "public_model": os.path.relpath(args.public_model, REPO), "data_dir": None, "output": None,
                   "markdown": None},
               "scorers": rows}
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(record, f, indent=2)
-    with open(args.markdown, "w") as f:
-        f.write(markdown(record, args))
+    atomic.write_json(args.output, record)
+    atomic.write_text(args.markdown, markdown(record, args))
     print(json.dumps(rows, indent=2))
 
 
@@ -143,4 +148,6 @@ def markdown(record: dict, args) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from dp_sapf.cli import run_cli
+
+    run_cli(main)

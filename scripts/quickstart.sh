@@ -34,7 +34,7 @@ stage "2. DP-SGD LoRA training, calibrated to epsilon = 10 (selection included)"
 $PY train_dp_sapf.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$RUN/data" --resolution 32 \
   --class_prompts fashion_mnist --saliency_mask "$RUN/mask.json" --target_epsilon 10 --train_batch_size 250 \
   --max_physical_batch_size 125 --max_train_steps 40 --learning_rate 1e-2 --validation_inference_steps 20 \
-  --report_to none --output_dir "$RUN/lora"
+  --report_to none --output_dir "$RUN/lora" --overwrite_output_dir
 stage "3. sampling: the DP fine-tune, and the public model alone"
 $PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$RUN/lora" "${SAMPLE[@]}" --output_dir "$RUN/synthetic"
 $PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts fashion_mnist "${SAMPLE[@]}" \
