@@ -21,7 +21,6 @@ readable by its owner only and never part of the release).
 """
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -31,12 +30,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dp_sapf import data, distributed, metrics, modeling, privacy, run_folder
+from dp_sapf import atomic, data, distributed, metrics, modeling, privacy, run_folder
 from dp_sapf import private_evolution as pe
-from dp_sapf.cli import add_runtime_args, run_cli
+from dp_sapf.cli import COUNT, FINITE, NON_NEGATIVE, POSITIVE, PROBABILITY, ArgumentParser, add_runtime_args, number, \
+    run_cli
 from dp_sapf.seeding import seeded_generator
 
 STATE_DIR = "pe_state"
+STRENGTH = number(float, min=0, max=1, min_open=True)  # image-to-image strength in (0, 1]
 # flags that make a resumed run a different run
 RECIPE_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name", "max_train_samples",
                 "num_images_per_class", "iterations", "strength_start", "strength_end", "count_threshold",
@@ -45,43 +46,43 @@ RECIPE_FLAGS = ("pretrained_model_name_or_path", "train_data_dir", "dataset_name
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modeling.add_model_args(p)
     data.add_data_args(p, with_augmentation=False)
     pe_group = p.add_argument_group("private evolution")
-    pe_group.add_argument("--num_images_per_class", type=int, default=100,
+    pe_group.add_argument("--num_images_per_class", type=COUNT, default=100,
                           help="Population size per class, which is also the released synthetic set's size per class.")
-    pe_group.add_argument("--iterations", type=int, default=5,
+    pe_group.add_argument("--iterations", type=COUNT, default=5,
                           help="T: PE iterations, each one Gaussian mechanism on the vote histogram.")
-    pe_group.add_argument("--strength_start", type=float, default=0.8,
+    pe_group.add_argument("--strength_start", type=STRENGTH, default=0.8,
                           help="Image-to-image strength of the first variation (1 = a fresh image from the prompt).")
-    pe_group.add_argument("--strength_end", type=float, default=0.4,
+    pe_group.add_argument("--strength_end", type=STRENGTH, default=0.4,
                           help="Strength of the last variation (linear in between: smaller, finer variations later).")
-    pe_group.add_argument("--count_threshold", type=float, default=None,
+    pe_group.add_argument("--count_threshold", type=FINITE, default=None,
                           help="H: noisy counts below it count as 0 before resampling (default 2σ: a bin must carry "
                                "votes, not noise).")
     pe_group.add_argument("--embedding", choices=["inception", "pixels"], default="inception",
                           help="Where votes find nearest neighbours: the TF-Inception pool features evaluate.py uses "
                                "(PE's choice), or 16-px grey pixels (quick runs and tests).")
-    pe_group.add_argument("--embedding_batch_size", type=int, default=50, help="Images per Inception forward.")
+    pe_group.add_argument("--embedding_batch_size", type=COUNT, default=50, help="Images per Inception forward.")
     priv = p.add_argument_group("privacy")
     priv.add_argument("--target_epsilon", type=str, default=None,
                       help="ε of the whole release (all T histograms); σ is calibrated to it.")
-    priv.add_argument("--noise_multiplier", type=float, default=None,
+    priv.add_argument("--noise_multiplier", type=POSITIVE, default=None,
                       help="σ of the histogram noise, instead of --target_epsilon.")
-    priv.add_argument("--target_delta", type=float, default=None, help="δ (default 1/N).")
+    priv.add_argument("--target_delta", type=PROBABILITY, default=None, help="δ (default 1/N).")
     priv.add_argument("--accountant", choices=list(privacy.ACCOUNTANTS), default="rdp",
                       help="Accountant of the T composed Gaussian mechanisms.")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--num_inference_steps", type=int, default=25,
+    gen.add_argument("--num_inference_steps", type=COUNT, default=25,
                      help="Denoising steps of a full generation (image-to-image runs strength x these).")
-    gen.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance scale of both APIs.")
-    gen.add_argument("--output_resolution", type=int, default=None,
+    gen.add_argument("--guidance_scale", type=NON_NEGATIVE, default=3.0, help="Classifier-free guidance scale of both APIs.")
+    gen.add_argument("--output_resolution", type=number(int, min=8), default=None,
                      help="Size of the released images, and of the synthetic images the votes compare (default: the "
                           "private images' size).")
-    gen.add_argument("--batch_size", type=int, default=64, help="Images per pipeline call.")
+    gen.add_argument("--batch_size", type=COUNT, default=64, help="Images per pipeline call.")
     gen.add_argument("--output_dir", type=str, default="pe-synthetic", help="Where the labelled images go.")
-    gen.add_argument("--stop_after_iterations", type=int, default=None,
+    gen.add_argument("--stop_after_iterations", type=COUNT, default=None,
                      help="Save the state and stop after this many iterations of this call (fixed time slots); run the "
                           "same command again to continue to the same result.")
     add_runtime_args(p)
@@ -92,24 +93,12 @@ def parse_args(argv=None):
     if (args.target_epsilon is None) == (args.noise_multiplier is None):
         p.error("Give exactly one of --target_epsilon or --noise_multiplier.")
     if args.target_epsilon is not None:
-        args.target_epsilon = privacy.parse_target_epsilon(args.target_epsilon)
+        try:
+            args.target_epsilon = privacy.parse_target_epsilon(args.target_epsilon)
+        except ValueError as err:
+            p.error(str(err))
         if math.isinf(args.target_epsilon):
             p.error("PE has no non-private mode here: give a finite --target_epsilon.")
-    if args.noise_multiplier is not None:
-        privacy.check_noise_multiplier(args.noise_multiplier)
-    for name in ("num_images_per_class", "iterations", "num_inference_steps", "batch_size", "embedding_batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1.")
-    for name in ("strength_start", "strength_end"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and 0 < value <= 1):
-            p.error(f"--{name} must be in (0, 1], got {value}.")
-    for name in ("count_threshold", "guidance_scale"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            p.error(f"--{name} must be finite, got {value}.")
-    if args.output_resolution is not None and args.output_resolution < 8:
-        p.error("--output_resolution must be >= 8.")
     return args
 
 
@@ -154,22 +143,16 @@ def save_state(output_dir: str, state: dict, images: list[Image.Image], labels: 
     state_file, population_file = state_paths(output_dir)
     os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
     pixels = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
-    tmp = population_file + ".tmp.npz"
-    np.savez(tmp, pixels=pixels, labels=labels)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, population_file)
-    with open(state_file + ".tmp", "w") as f:
-        json.dump(state, f, indent=2, allow_nan=False)
-    os.chmod(state_file + ".tmp", 0o600)
-    os.replace(state_file + ".tmp", state_file)
+    with atomic.replacing(population_file, mode=0o600) as tmp, open(tmp, "wb") as f:
+        np.savez(f, pixels=pixels, labels=labels)
+    atomic.write_json(state_file, state, mode=0o600)
 
 
 def load_state(output_dir: str, recipe: dict):
     state_file, population_file = state_paths(output_dir)
     if not os.path.isfile(state_file):
         return None, None, None
-    with open(state_file) as f:
-        state = json.load(f)
+    state = atomic.load_json(state_file)
     changed = {k: (state["recipe"].get(k), v) for k, v in recipe.items() if state["recipe"].get(k) != v}
     if changed:
         raise ValueError(f"{output_dir} holds a PE run with other flags {changed} (saved, now): resume with the "
@@ -188,13 +171,11 @@ def write_release(output_dir: str, images, labels, names, prompts, report: dict)
     for image, c in zip(images, labels):
         path = os.path.join(output_dir, names[c], f"{seen[c]:05d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        image.save(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
+        atomic.save_image(image, path)
         seen[c] += 1
     data.write_synthetic_index(output_dir, names, prompts, counts)
     run_folder.write_json(output_dir, run_folder.REPORT_FILE, report)
-    with open(os.path.join(output_dir, "README.md"), "w") as f:
-        f.write(dataset_card(report))
+    atomic.write_text(os.path.join(output_dir, "README.md"), dataset_card(report))
 
 
 def dataset_card(report: dict) -> str:

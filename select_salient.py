@@ -41,7 +41,8 @@ def parse_args(argv=None):
                    help="attention_qkv: to_q/to_k/to_v of every attn1 and attn2 (SD-v1.5: 96); attention_qkvo adds "
                         "to_out.0; all_linear: every nn.Linear of the UNet.")
     g.add_argument("--scorer", choices=saliency.SCORERS, default="grad_norm",
-                   help="grad_norm: ‖mean clipped gradient‖ (the paper); fisher: Σ_i ‖clipped g_i,m‖² (the official "
+                   help="grad_norm: ‖mean clipped gradient‖ (the paper); grad_norm_debiased: its noisy square minus the "
+                        "noise's expected share d_m(σ_s·C_s/N)² (same query and cost, Gaussian mechanism only); fisher: Σ_i ‖clipped g_i,m‖² (the official "
                         "code); snip: ‖θ_m ⊙ mean clipped gradient‖₁; synflow: data-free SynFlow of the public weights; "
                         "random: random scores from --seed. synflow and random read no images and cost no privacy.")
     g.add_argument("--selection_mechanism", choices=saliency.MECHANISMS, default="gaussian",
@@ -77,6 +78,9 @@ def parse_args(argv=None):
             f"--selection_mechanism {args.selection_mechanism} adds none (its budget is --selection_epsilon)."))
     if args.selection_noise_multiplier is None:
         args.selection_noise_multiplier = 5.0
+    if args.selection_mechanism != "gaussian" and args.scorer in saliency.NOISY_ONLY_SCORERS:
+        parser.error(f"--scorer {args.scorer} debiases the Gaussian query's noise: it needs --selection_mechanism "
+                     "gaussian.")
     if args.selection_mechanism != "gaussian" and data_free:
         parser.error(f"--scorer {args.scorer} reads no data: it needs no --selection_mechanism.")
     if args.selection_mechanism != "gaussian" and args.selection_epsilon is None:

@@ -4,7 +4,9 @@ docs/design.md §1: per-sample gradients of all candidate matrices are clipped j
 pass, `clipped_gradient_sums`). The paper's default mechanism adds N(0, (σ_s·C_s)² I) once and scores each
 matrix by its noisy mean gradient; the exponential mechanism and propose-test-release (the paper's §6.4) pick
 the top k from the exact scores instead and release only the picks. Scorers (App. D.1): grad_norm ‖G_m‖,
-fisher Σ_i‖ĝ_i,m‖², snip ‖θ_m ⊙ G_m‖₁; synflow and random read no data at all.
+fisher Σ_i‖ĝ_i,m‖², snip ‖θ_m ⊙ G_m‖₁; synflow and random read no data at all. grad_norm_debiased (ours, for
+the comparison of issue #21) is ‖G̃_m‖² − d_m(σ_s·C_s/N)², an unbiased estimate of ‖G_m‖²: post-processing of the
+same Gaussian query that stops the noise from favouring the largest matrices.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .privacy import DATA_FREE_SCORERS  # synflow, random: they read no private 
 
 MASK_FORMAT_VERSION = 1
 CANDIDATE_POOLS = ("attention_qkv", "attention_qkvo", "all_linear")
-SCORERS = ("grad_norm", "fisher", "snip", "synflow", "random")
+SCORERS = ("grad_norm", "grad_norm_debiased", "fisher", "snip", "synflow", "random")
+NOISY_ONLY_SCORERS = ("grad_norm_debiased",)  # defined by the Gaussian query's noise: no other mechanism
 MECHANISMS = ("gaussian", "exponential", "ptr")
 GRANULARITIES = ("matrix", "layer")
 
@@ -130,7 +133,8 @@ def layer_score(scores: dict[str, float], members: list[str], scorer: str = "gra
     """A layer's score from its matrices' scores, as if the layer's concatenated q/k/v block were scored.
 
     grad_norm (and random) scores are norms of the noisy mean gradients: the block's norm is sqrt(Σ s²).
-    fisher, snip and synflow scores are sums over entries (fisher's are possibly negative): the block's is Σ s
+    fisher, snip, synflow and grad_norm_debiased scores are sums over entries (fisher's and the debiased ones are
+    possibly negative): the block's is Σ s
     (sqrt(Σ s²) would rank large negative noise high).
     """
     if scorer in ("grad_norm", "random"):
@@ -186,12 +190,17 @@ def noisy_scores(clipped, modules: dict[str, nn.Linear], *, scorer: str, noise_m
     """Add the Gaussian noise once (identically on every rank) and score each candidate.
 
     grad_norm: ‖G_m + N(0, (σ_s C_s)² I)‖ / N (the paper); snip: ‖θ_m ⊙ (G_m + same noise)‖₁ / N (post-processing of
-    the same query); fisher: (Σ_i ‖ĝ_{i,m}‖² + N(0, (σ_s C_s²)²)) / N, a vector over the candidates whose
+    the same query); grad_norm_debiased: grad_norm² − d_m(σ_s C_s / N)², its expected excess removed (E‖G̃_m‖² =
+    ‖G_m‖² + d_m(σ_s C_s/N)² for d_m entries), so that large matrices no longer win on noise alone; fisher: (Σ_i ‖ĝ_{i,m}‖² + N(0, (σ_s C_s²)²)) / N, a vector over the candidates whose
     per-sample contribution has L2 norm ≤ C_s² (the official code).
     """
     names = list(modules)
-    if scorer in ("grad_norm", "snip"):
+    if scorer in ("grad_norm", "snip", "grad_norm_debiased"):
         noisy = clipped.noisy_sums(noise_multiplier, noise_generator)
+        if scorer == "grad_norm_debiased":
+            variance = (noise_multiplier * clipped.max_grad_norm / dataset_size) ** 2
+            norms = _gradient_scores(noisy, modules, "grad_norm", dataset_size)
+            return {name: norm ** 2 - modules[name].weight.numel() * variance for name, norm in zip(names, norms)}
         return dict(zip(names, _gradient_scores(noisy, modules, scorer, dataset_size)))
     std = noise_multiplier * clipped.max_grad_norm ** 2
     noise = torch.randn(len(names), generator=noise_generator, device=noise_generator.device)
@@ -298,6 +307,8 @@ def select_salient(loss_fn, modules: dict[str, nn.Linear], batches, *, dataset_s
         raise ValueError(f"Unknown --scorer {scorer!r}; choose from {', '.join(SCORERS)}.")
     if mechanism not in MECHANISMS:
         raise ValueError(f"Unknown --selection_mechanism {mechanism!r}; choose from {', '.join(MECHANISMS)}.")
+    if scorer in NOISY_ONLY_SCORERS and mechanism != "gaussian":
+        raise ValueError(f"--scorer {scorer} debiases the Gaussian query's noise: use it with the gaussian mechanism.")
     names = list(modules)
     if scorer == "random":  # reads no data: zero privacy cost
         scores = torch.rand(len(names), generator=noise_generator, device=noise_generator.device).tolist()

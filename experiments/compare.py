@@ -27,6 +27,8 @@ mechanisms spend --selection_share of it on the selection):
   ptr_selection          propose-test-release of the exact top k (a random mask when its test fails)
   snip_selection         the SNIP score ‖θ ⊙ G̃‖₁ of the same Gaussian query
   synflow_selection      the data-free SynFlow score (no selection cost)
+  debiased_selection     the Gaussian query scored by ‖G̃_m‖² − d_m(σ_s·C_s/N)² (post-processing of the same
+                         query, same cost): the plain norm favours the largest matrices when the noise dominates
 
 and the fine-tuning-free baseline:
 
@@ -56,24 +58,27 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 METHODS = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
-           "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "pe")
+           "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "pe")
 MULTI_SEED = ("dp_sapf", "dp_lora")
 PRIVACY_FREE = ("no_finetune", "nonprivate_lora")  # one run each, whatever the ε
 SELECTION = {"dp_sapf": [], "random_selection": ["--scorer", "random"], "layer_selection": ["--granularity", "layer"],
              "wo_lora": [], "exponential_selection": ["--selection_mechanism", "exponential"],
              "ptr_selection": ["--selection_mechanism", "ptr"], "snip_selection": ["--scorer", "snip"],
-             "synflow_selection": ["--scorer", "synflow"]}
+             "synflow_selection": ["--scorer", "synflow"], "debiased_selection": ["--scorer", "grad_norm_debiased"]}
 EPSILON_SELECTIONS = ("exponential_selection", "ptr_selection")  # their --selection_epsilon is a share of the ε
 TRAINING = {"nonprivate_lora": ["--lora_target", "all_attention", "--no_dp"], "dp_sapf": [],
             "dp_lora": ["--lora_target", "all_attention"], "random_selection": [], "layer_selection": [],
             "wo_lora": ["--train_mode", "direct"],
             "dp_finetune": ["--train_mode", "full", "--lora_target", "all_attention", "--mixed_precision", "no"],
-            "exponential_selection": [], "ptr_selection": [], "snip_selection": [], "synflow_selection": []}
+            "exponential_selection": [], "ptr_selection": [], "snip_selection": [], "synflow_selection": [],
+            "debiased_selection": []}
 COMPLETE = "complete"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dp_sapf.cli import COUNT, FRACTION, NON_NEGATIVE_INT, POSITIVE, ArgumentParser, number
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report", "plan"],
                    help="run: execute (resumable); report: write the results page; plan: list the runs.")
     p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-mnist5k"),
@@ -84,41 +89,41 @@ def parse_args(argv=None):
     p.add_argument("--results_dir", default=os.path.join(REPO, "results"), help="Per-run JSON records (small, committed).")
     p.add_argument("--results_md", default=os.path.join(REPO, "docs", "results.md"), help="The report page.")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="Methods to run.")
-    p.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 10.0], help="Target ε of the private methods.")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Seeds of dp_sapf and dp_lora (others: the first).")
-    p.add_argument("--rho_sweep", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.5, 0.7],
+    p.add_argument("--epsilons", nargs="+", type=POSITIVE, default=[1.0, 10.0], help="Target ε of the private methods.")
+    p.add_argument("--seeds", nargs="+", type=NON_NEGATIVE_INT, default=[0, 1, 2], help="Seeds of dp_sapf and dp_lora (others: the first).")
+    p.add_argument("--rho_sweep", nargs="*", type=FRACTION, default=[0.1, 0.2, 0.3, 0.5, 0.7],
                    help="ρ values of the dp_sapf sweep at the largest ε (empty: no sweep).")
-    p.add_argument("--select_ratio", type=float, default=0.3, help="ρ of the main runs.")
-    p.add_argument("--selection_share", type=float, default=0.1,
+    p.add_argument("--select_ratio", type=FRACTION, default=0.3, help="ρ of the main runs.")
+    p.add_argument("--selection_share", type=number(float, min=0, max=1, min_open=True, max_open=True), default=0.1,
                    help="Fraction of the target ε the exponential and PTR selections spend (--selection_epsilon).")
-    p.add_argument("--max_per_class", type=int, default=None, help="Fashion-MNIST train images per class (default all).")
-    p.add_argument("--test_max_per_class", type=int, default=None, help="Test images per class (default all).")
-    p.add_argument("--train_batch_size", type=int, default=4096, help="Expected logical batch B (paper 4096).")
-    p.add_argument("--max_physical_batch_size", type=int, default=1024, help="Micro-batch size (memory only).")
-    p.add_argument("--max_train_steps", type=int, default=1000, help="DP-SGD steps T (paper 1000).")
-    p.add_argument("--learning_rate", type=float, default=5e-3, help="AdamW learning rate of every trained method.")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank.")
-    p.add_argument("--num_synthetic", type=int, default=10000, help="Synthetic images per run (balanced over classes).")
-    p.add_argument("--sampling_steps", type=int, default=25, help="Denoising steps of sample.py.")
-    p.add_argument("--guidance_scale", type=float, default=3.0, help="Guidance scale of sample.py.")
-    p.add_argument("--sample_batch_size", type=int, default=500, help="sample.py --batch_size.")
-    p.add_argument("--pe_iterations", type=int, default=5, help="pe: PE iterations T (private_evolution.py --iterations).")
-    p.add_argument("--pe_strength_start", type=float, default=0.8, help="pe: image-to-image strength of the first variation.")
-    p.add_argument("--pe_strength_end", type=float, default=0.4, help="pe: strength of the last variation.")
-    p.add_argument("--pe_count_threshold", type=float, default=None, help="pe: vote threshold H (default 2σ).")
+    p.add_argument("--max_per_class", type=COUNT, default=None, help="Fashion-MNIST train images per class (default all).")
+    p.add_argument("--test_max_per_class", type=COUNT, default=None, help="Test images per class (default all).")
+    p.add_argument("--train_batch_size", type=COUNT, default=4096, help="Expected logical batch B (paper 4096).")
+    p.add_argument("--max_physical_batch_size", type=COUNT, default=1024, help="Micro-batch size (memory only).")
+    p.add_argument("--max_train_steps", type=COUNT, default=1000, help="DP-SGD steps T (paper 1000).")
+    p.add_argument("--learning_rate", type=POSITIVE, default=5e-3, help="AdamW learning rate of every trained method.")
+    p.add_argument("--rank", type=COUNT, default=4, help="LoRA rank.")
+    p.add_argument("--num_synthetic", type=COUNT, default=10000, help="Synthetic images per run (balanced over classes).")
+    p.add_argument("--sampling_steps", type=COUNT, default=25, help="Denoising steps of sample.py.")
+    p.add_argument("--guidance_scale", type=number(float, min=0), default=3.0, help="Guidance scale of sample.py.")
+    p.add_argument("--sample_batch_size", type=COUNT, default=500, help="sample.py --batch_size.")
+    p.add_argument("--pe_iterations", type=COUNT, default=5, help="pe: PE iterations T (private_evolution.py --iterations).")
+    p.add_argument("--pe_strength_start", type=FRACTION, default=0.8, help="pe: image-to-image strength of the first variation.")
+    p.add_argument("--pe_strength_end", type=FRACTION, default=0.4, help="pe: strength of the last variation.")
+    p.add_argument("--pe_count_threshold", type=number(float), default=None, help="pe: vote threshold H (default 2σ).")
     p.add_argument("--pe_embedding", choices=["inception", "pixels"], default="inception",
                    help="pe: the embedding the votes use (private_evolution.py --embedding).")
     p.add_argument("--classifier", choices=["wrn", "resnet", "all"], default="all", help="evaluate.py --classifier.")
-    p.add_argument("--classifier_epochs", type=int, default=50, help="evaluate.py --epochs.")
-    p.add_argument("--classifier_depth", type=int, default=None, help="evaluate.py --classifier_depth (default WRN-28 / ResNet-164).")
-    p.add_argument("--classifier_width", type=int, default=None, help="evaluate.py --classifier_width (default 10).")
-    p.add_argument("--fid_max_real", type=int, default=None,
+    p.add_argument("--classifier_epochs", type=COUNT, default=50, help="evaluate.py --epochs.")
+    p.add_argument("--classifier_depth", type=COUNT, default=None, help="evaluate.py --classifier_depth (default WRN-28 / ResNet-164).")
+    p.add_argument("--classifier_width", type=COUNT, default=None, help="evaluate.py --classifier_width (default 10).")
+    p.add_argument("--fid_max_real", type=COUNT, default=None,
                    help="evaluate.py --fid_max_real: FID against a seeded random subset of the real train set.")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
                    help="For the scripts (default: bf16 on a GPU, no on a CPU).")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=COUNT, default=1,
                    help="Runs executed at once (tiny models are launch-bound on a GPU: several share it well).")
-    p.add_argument("--max_runs", type=int, default=None,
+    p.add_argument("--max_runs", type=NON_NEGATIVE_INT, default=None,
                    help="Stop after starting this many unfinished runs (to fit a time slot; the next call continues).")
     p.add_argument("--quick", action="store_true",
                    help="The whole pipeline in CPU minutes: 30 train / 10 test images per class, B 100, T 8, 30 "
@@ -250,8 +255,8 @@ def selection_budget(run: dict, args) -> list:
 
 
 def record(run: dict, folder: str, wall: dict, args) -> dict:
-    """The run's small JSON record (results_dir/<name>.json), then the folder's 'complete' marker."""
-    from dp_sapf import run_folder
+    """The run's small JSON record (results_dir/<name>.json), then the folder's 'complete' marker (both atomic)."""
+    from dp_sapf import atomic, run_folder
 
     metrics = json.load(open(os.path.join(folder, "eval", "metrics.json")))
     report_path = os.path.join(folder, "synthetic" if run["method"] == "pe" else "model", run_folder.REPORT_FILE)
@@ -275,16 +280,14 @@ def record(run: dict, folder: str, wall: dict, args) -> dict:
         "settings": settings(args), "wall_time_s": wall, "device": device_name(), "versions": versions(),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(previous, "w") as f:
-        json.dump(out, f, indent=2)
+    atomic.write_json(previous, out)
     preview = os.path.join(folder, "synthetic", "preview.png")
     if os.path.isfile(preview):
         grids = os.path.join(args.results_dir, "grids")
         os.makedirs(grids, exist_ok=True)
-        shutil.copyfile(preview, os.path.join(grids, f"{run['name']}.png"))
-    with open(os.path.join(folder, COMPLETE), "w") as f:
-        f.write(out["finished"] + "\n")
+        with atomic.replacing(os.path.join(grids, f"{run['name']}.png")) as tmp:
+            shutil.copyfile(preview, tmp)
+    atomic.write_text(os.path.join(folder, COMPLETE), out["finished"] + "\n")
     return out
 
 

@@ -29,17 +29,18 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from dp_sapf import data, modeling  # noqa: E402
+from dp_sapf import atomic, data, modeling  # noqa: E402
+from dp_sapf.cli import COUNT, ArgumentParser, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modeling.add_model_args(p)
     data.add_data_args(p, with_augmentation=False)
     p.add_argument("--split", default="train", help="The split to round-trip (written as the labelled folder).")
     p.add_argument("--psnr_split", default="test", help="The split whose first --psnr_images images give the PSNR.")
-    p.add_argument("--psnr_images", type=int, default=100, help="How many images the PSNR is averaged over.")
-    p.add_argument("--batch_size", type=int, default=250, help="Images per VAE call.")
+    p.add_argument("--psnr_images", type=COUNT, default=100, help="How many images the PSNR is averaged over.")
+    p.add_argument("--batch_size", type=COUNT, default=250, help="Images per VAE call.")
     p.add_argument("--output_dir", required=True, help="The round-tripped labelled folder (<class>/<k>.png).")
     p.set_defaults(resolution=32)
     return p.parse_args(argv)
@@ -77,7 +78,7 @@ def main(argv=None):
     for i, image in roundtrip(vae, split, list(range(len(split))), args.resolution, args.batch_size,
                               f"VAE round trip ({args.split})"):
         c = int(split.labels[i])
-        image.save(os.path.join(args.output_dir, names[c], f"{counts[c]:05d}.png"))
+        atomic.save_image(image, os.path.join(args.output_dir, names[c], f"{counts[c]:05d}.png"))
         counts[c] += 1
     data.write_synthetic_index(args.output_dir, names, prompts, counts)
 
@@ -88,10 +89,9 @@ def main(argv=None):
     out = {"model": args.pretrained_model_name_or_path, "split": args.psnr_split, "images": len(values),
            "psnr_mean_db": float(np.mean(values)), "psnr_min_db": float(np.min(values)),
            "psnr_median_db": float(np.median(values))}
-    with open(os.path.join(args.output_dir, "psnr.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    atomic.write_json(os.path.join(args.output_dir, "psnr.json"), out)
     print(json.dumps(out))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

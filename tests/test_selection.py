@@ -288,3 +288,28 @@ def test_ghost_norms_give_the_materialised_sums(parts, pool):
         for a, b in zip(results["never"].sums, results[ghost].sums):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
         assert torch.allclose(results["never"].squared_norm_sums, results[ghost].squared_norm_sums, rtol=1e-4)
+
+
+def test_debiased_scores_are_the_same_query_minus_the_noise_share(parts):
+    """grad_norm_debiased = grad_norm² − d_m(σ_s C_s/N)² for the very same noise draw (post-processing, no extra
+    cost), and on a zero gradient it averages to 0 where grad_norm² averages to the noise share."""
+    modules = saliency.candidate_modules(parts.unet, "attention_qkv")
+    batches = _batches(parts, [3, 2])
+    kw = dict(dataset_size=50, noise_multiplier=2.0, max_grad_norm=0.05, ratio=0.3, granularity="matrix")
+    plain = saliency.select_salient(selection_loss(parts), modules, batches, scorer="grad_norm",
+                                    noise_generator=seeded_generator(4, "t"), **kw)
+    debiased = saliency.select_salient(selection_loss(parts), modules, batches, scorer="grad_norm_debiased",
+                                       noise_generator=seeded_generator(4, "t"), **kw)
+    share = (2.0 * 0.05 / 50) ** 2
+    for name, m in modules.items():
+        assert debiased.scores[name] == pytest.approx(plain.scores[name] ** 2 - m.weight.numel() * share, rel=1e-6,
+                                                      abs=1e-12)
+    empty = [saliency.select_salient(selection_loss(parts), modules, [], scorer="grad_norm_debiased",
+                                     noise_generator=seeded_generator(5, "t", k), **kw).scores for k in range(20)]
+    name = max(modules, key=lambda n: modules[n].weight.numel())
+    d = modules[name].weight.numel()
+    mean = sum(e[name] for e in empty) / len(empty)
+    assert abs(mean) < 4 * share * math.sqrt(2 * d / len(empty))  # the sd of a d-dof χ² estimate, scaled
+    with pytest.raises(ValueError, match="gaussian"):
+        saliency.select_salient(selection_loss(parts), modules, [], scorer="grad_norm_debiased", mechanism="ptr",
+                                epsilon=1.0, delta=1e-5, noise_generator=seeded_generator(5, "t"), **kw)
