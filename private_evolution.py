@@ -26,7 +26,6 @@ import os
 import shutil
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 

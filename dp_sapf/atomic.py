@@ -130,3 +130,15 @@ def staged_folder(output_dir: str):
                 os.replace(os.path.join(root, name), os.path.join(target_dir, name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def replace_folder(built: str, output_dir: str) -> str:
+    """Put the finished folder `built` at `output_dir`: copied to a staging name beside it, then renamed into place
+    (an old `output_dir` is removed just before), so a reader never sees a half-written folder there."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    staged = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.staged")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(built, staged)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(staged, output_dir)
+    return output_dir

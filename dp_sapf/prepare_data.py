@@ -15,12 +15,13 @@ import gzip
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
+
+from . import atomic
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -98,11 +99,7 @@ def prepare(name: str, output_dir: str, max_per_class: int | None = None,
             info["counts"][split] = {c: int((labels[keep] == k).sum()) for k, c in enumerate(class_names)}
         with open(os.path.join(tmp, "dataset_info.json"), "w") as f:  # the whole folder is renamed into place
             json.dump(info, f, indent=2, allow_nan=False)
-        staged = os.path.join(parent, f".{os.path.basename(output_dir)}.staged")
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(tmp, staged)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staged, output_dir)
+        atomic.replace_folder(tmp, output_dir)
     return info
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import unicodedata
 import warnings
@@ -39,6 +38,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
+
+from . import atomic
 
 OPENCLIPART_DIR = "/usr/share/openclipart/png"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -318,11 +319,7 @@ def build_corpus(output_dir: str, sources=SOURCES, *, workers: int = 2, **paths)
         sheet = datasheet(items, kept, dropped, examples_dropped, list(sources))
         with open(os.path.join(tmp, "datasheet.json"), "w", encoding="utf-8") as f:
             json.dump(sheet, f, indent=2, ensure_ascii=False, allow_nan=False)
-        staged = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.staged")
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(tmp, staged)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staged, output_dir)
+        atomic.replace_folder(tmp, output_dir)
     return sheet
 
 
