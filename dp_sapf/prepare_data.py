@@ -79,23 +79,40 @@ def _first_per_class(labels: np.ndarray, k: int | None) -> np.ndarray:
 
 
 def prepare(name: str, output_dir: str, max_per_class: int | None = None,
-            test_max_per_class: int | None = None) -> dict:
-    """Write DIR/{train,test}/<class>/<index>.png and DIR/dataset_info.json; atomically (all or nothing)."""
+            test_max_per_class: int | None = None, validation_per_class: int | None = None) -> dict:
+    """Write DIR/{train,test}/<class>/<index>.png and DIR/dataset_info.json; atomically (all or nothing).
+
+    validation_per_class=K makes a tuning folder: its test/ split holds the K training images per class that follow
+    the first max_per_class (disjoint from train/), and no real test image is written, so hyperparameters can be
+    chosen against it without ever seeing a test result."""
     if name not in SOURCES:
         raise ValueError(f"Unknown dataset {name!r}; choose from {', '.join(SOURCES)}.")
     loader, class_names = SOURCES[name]
     splits = loader()
+    if validation_per_class is not None:
+        if max_per_class is None:
+            raise ValueError("--validation_per_class needs --max_per_class (the held-out images follow those)")
+        if test_max_per_class is not None:
+            raise ValueError("--validation_per_class replaces the test split: drop --test_max_per_class")
+        images, labels = splits["train"]
+        held_out = np.setdiff1d(_first_per_class(labels, max_per_class + validation_per_class),
+                                _first_per_class(labels, max_per_class))
+        splits = {"train": splits["train"], "test": (images[held_out], labels[held_out])}
+        test_ids = held_out  # file names keep the training index, so the two splits can be checked disjoint
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
-    info = {"name": name, "class_names": class_names, "counts": {}}
+    info = {"name": name, "class_names": class_names, "counts": {},
+            "test_split": "held-out training images" if validation_per_class is not None else "the real test split"}
     with tempfile.TemporaryDirectory(dir=parent) as tmp:
         for split, limit in (("train", max_per_class), ("test", test_max_per_class)):
             images, labels = splits[split]
             keep = _first_per_class(labels, limit)
             for c in class_names:
                 os.makedirs(os.path.join(tmp, split, c))
+            ids = test_ids if split == "test" and validation_per_class is not None else np.arange(len(labels))
             for i in tqdm(keep, desc=f"{name} {split}"):
-                Image.fromarray(images[i], mode="L").save(os.path.join(tmp, split, class_names[labels[i]], f"{i:05d}.png"))
+                Image.fromarray(images[i], mode="L").save(
+                    os.path.join(tmp, split, class_names[labels[i]], f"{ids[i]:05d}.png"))
             info["counts"][split] = {c: int((labels[keep] == k).sum()) for k, c in enumerate(class_names)}
         with open(os.path.join(tmp, "dataset_info.json"), "w") as f:  # the whole folder is renamed into place
             json.dump(info, f, indent=2, allow_nan=False)
@@ -114,6 +131,9 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True, help="Folder for train/ and test/ (replaced if it exists).")
     parser.add_argument("--max_per_class", type=COUNT, default=None, help="Keep the first K training images per class.")
     parser.add_argument("--test_max_per_class", type=COUNT, default=None, help="Keep the first K test images per class.")
+    parser.add_argument("--validation_per_class", type=COUNT, default=None,
+                        help="A tuning folder: test/ holds the next K training images per class after --max_per_class "
+                             "(held out, disjoint from train/) instead of real test images.")
     parser.add_argument("--sources", default="openclipart,emoji,mnist5k",
                         help="public_corpus only: comma-separated public sources (openclipart, emoji, mnist5k).")
     parser.add_argument("--workers", type=COUNT, default=2, help="public_corpus only: processes decoding images.")
@@ -140,10 +160,12 @@ def main(argv=None):
               f"dropped {sheet['dropped']})")
         return
     try:
-        info = prepare(args.name, args.output_dir, args.max_per_class, args.test_max_per_class)
+        info = prepare(args.name, args.output_dir, args.max_per_class, args.test_max_per_class,
+                       args.validation_per_class)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
-    print(f"Wrote {sum(info['counts']['train'].values())} train and {sum(info['counts']['test'].values())} test "
+    test = "held-out train" if args.validation_per_class is not None else "test"
+    print(f"Wrote {sum(info['counts']['train'].values())} train and {sum(info['counts']['test'].values())} {test} "
           f"images to {args.output_dir}")
 
 

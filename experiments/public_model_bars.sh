@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The public model's measured bars (docs/public_model.md), each through the real scripts, resumable stage by stage:
-#   bash experiments/public_model_bars.sh [MODEL] [WORK]      # default models/tiny-sd-public runs/public_bars
+#   bash experiments/public_model_bars.sh [MODEL] [WORK]   # default models/tiny-sd-public ~/.cache/dp-sapf/public_bars
+# WORK is outside the work tree so that a killed session resumes where it stopped (every stage is skipped once done).
 # Writes one JSON record per bar to results/public_model/ (small, committed). On the 2-core CPU: about 2 hours.
 #   vae        real Fashion-MNIST train images through the VAE (encode -> decode) train the classifier to >= 0.95x the
 #              accuracy the untouched images give (same classifier, epochs); + reconstruction PSNR of 100 test images
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
 MODEL=${1:-models/tiny-sd-public}
-WORK=${2:-runs/public_bars}
+WORK=${2:-${DP_SAPF_CACHE:-$HOME/.cache/dp-sapf}/public_bars}
 OUT=results/public_model
 STEPS=${STEPS:-600}          # LoRA steps of B = 64: chosen to fit 30 min on this CPU (the record has the wall time)
 mkdir -p "$WORK" "$OUT"
@@ -45,7 +46,8 @@ echo "== vae: Fashion-MNIST train through the public VAE"
 if [ ! -f "$OUT/vae.json" ]; then
   [ -f "$WORK/vae_roundtrip/psnr.json" ] || $PY experiments/vae_roundtrip.py --pretrained_model_name_or_path "$MODEL" \
     "${FASHION[@]}" --output_dir "$WORK/vae_roundtrip"
-  $PY evaluate.py --synthetic_dir "$WORK/vae_roundtrip" "${FASHION[@]}" "${CLS[@]}" --output_dir "$WORK/vae_eval"
+  [ -f "$WORK/vae_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/vae_roundtrip" "${FASHION[@]}" "${CLS[@]}" \
+    --output_dir "$WORK/vae_eval"
   record vae "$WORK/vae_eval/metrics.json" "$(cat "$WORK/vae_roundtrip/psnr.json")"
 fi
 
@@ -68,7 +70,8 @@ for target in mask all; do
     --output_dir "$D/model"
   [ -f "$D/synthetic/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$D/model" \
     "${SAMPLE[@]}" --output_dir "$D/synthetic"
-  $PY evaluate.py --synthetic_dir "$D/synthetic" "${FASHION[@]}" "${CLS[@]}" --skip_real_reference --output_dir "$D/eval"
+  [ -f "$D/eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$D/synthetic" "${FASHION[@]}" "${CLS[@]}" \
+    --skip_real_reference --output_dir "$D/eval"
   record "lora_$target" "$D/eval/metrics.json" \
     "{\"train_wall_s\": $(cat "$D/train_s" 2>/dev/null || echo null), \"steps\": $STEPS, \"batch\": 64, \"rank\": 8, \"lr\": 5e-3}"
 done
@@ -77,8 +80,8 @@ echo "== digits: MNIST-5k prompts, no fine-tuning"
 if [ ! -f "$OUT/digits.json" ]; then
   [ -f "$WORK/digits/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts mnist \
     "${SAMPLE[@]}" --output_dir "$WORK/digits"
-  $PY evaluate.py --synthetic_dir "$WORK/digits" --train_data_dir "$WORK/mnist5k" --class_prompts mnist "${CLS[@]}" \
-    --no_classifier_flip --output_dir "$WORK/digits_eval"
+  [ -f "$WORK/digits_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/digits" \
+    --train_data_dir "$WORK/mnist5k" --class_prompts mnist "${CLS[@]}" --no_classifier_flip --output_dir "$WORK/digits_eval"
   record digits "$WORK/digits_eval/metrics.json" "{}"
 fi
 
@@ -86,8 +89,8 @@ echo "== zero_shot: Fashion-MNIST prompts, no fine-tuning"
 if [ ! -f "$OUT/zero_shot.json" ]; then
   [ -f "$WORK/zero_shot/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" \
     --class_prompts fashion_mnist "${SAMPLE[@]}" --output_dir "$WORK/zero_shot"
-  $PY evaluate.py --synthetic_dir "$WORK/zero_shot" "${FASHION[@]}" "${CLS[@]}" --skip_real_reference \
-    --output_dir "$WORK/zero_shot_eval"
+  [ -f "$WORK/zero_shot_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/zero_shot" "${FASHION[@]}" \
+    "${CLS[@]}" --skip_real_reference --output_dir "$WORK/zero_shot_eval"
   record zero_shot "$WORK/zero_shot_eval/metrics.json" "{}"
 fi
 echo "Records in $OUT"

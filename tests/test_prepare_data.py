@@ -1,0 +1,43 @@
+"""The tuning folder of dp_sapf.prepare_data: hyperparameters are chosen against held-out *training* images, so its
+test/ split must be disjoint from train/ and hold no real test image."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dp_sapf import prepare_data
+
+
+def _ids(folder):
+    return {int(f[:-4]) for c in os.listdir(folder) for f in os.listdir(os.path.join(folder, c))}
+
+
+def test_validation_folder_holds_the_next_training_images_disjoint_from_train(tmp_path):
+    out = tmp_path / "val"
+    info = prepare_data.prepare("fashion_mnist", str(out), max_per_class=3, validation_per_class=2)
+    assert info["test_split"] == "held-out training images"
+    assert all(v == 3 for v in info["counts"]["train"].values()) and all(v == 2 for v in info["counts"]["test"].values())
+    train_ids, test_ids = _ids(out / "train"), _ids(out / "test")
+    assert not train_ids & test_ids
+    images, labels = prepare_data.load_fashion_mnist()["train"]
+    expected = set(np.concatenate([np.flatnonzero(labels == c)[3:5] for c in range(10)]).tolist())
+    assert test_ids == expected  # the next two training images of each class, named by their training index
+    i = min(test_ids)
+    name = info["class_names"][labels[i]]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out / "test" / name / f"{i:05d}.png")), images[i])
+    assert json.load(open(out / "dataset_info.json"))["test_split"] == "held-out training images"
+
+
+def test_validation_folder_refuses_ambiguous_requests(tmp_path):
+    with pytest.raises(ValueError, match="needs --max_per_class"):
+        prepare_data.prepare("fashion_mnist", str(tmp_path / "a"), validation_per_class=2)
+    with pytest.raises(ValueError, match="drop --test_max_per_class"):
+        prepare_data.prepare("fashion_mnist", str(tmp_path / "b"), max_per_class=2, test_max_per_class=1,
+                             validation_per_class=2)
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
