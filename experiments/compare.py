@@ -6,8 +6,8 @@
     python experiments/compare.py report           # docs/results.md from results/*.json
     python experiments/compare.py run --quick      # the whole pipeline on a few hundred images, CPU minutes
 
-Public model (default models/tiny-sd-mnist5k, pretrained on MNIST-5k only) -> Fashion-MNIST as the sensitive
-set (60k train, 10k test, `--class_prompts fashion_mnist`), δ = 1/N. Every method goes through the real scripts,
+Public model (default models/tiny-sd-public, pretrained on public clip art, emoji and digits) -> Fashion-MNIST as
+the sensitive set (60k train, 10k test, `--class_prompts fashion_mnist`), δ = 1/N. Every method goes through the real scripts,
 select_salient.py -> train_dp_sapf.py -> sample.py -> evaluate.py, each run in its own folder under --work_dir;
 a finished run writes its small JSON record to --results_dir. Methods:
 
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["run", "report", "plan"],
                    help="run: execute (resumable); report: write the results page; plan: list the runs.")
-    p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-mnist5k"),
+    p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-public"),
                    help="The public pipeline every method starts from.")
     p.add_argument("--data_dir", default=None,
                    help="Fashion-MNIST as an imagefolder (default: <work_dir>/data, prepared from Debian's package).")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How each saliency metric ranks the public model's candidates, against grad_norm (issue #15, App. D.1).
 
-    python experiments/scorer_overlap.py            # models/tiny-sd-mnist5k on 1,000 Fashion-MNIST images
+    python experiments/scorer_overlap.py            # models/tiny-sd-public on 1,000 Fashion-MNIST images
 
 One pass over the data gives the exact (noise-free) clipped sums every data-dependent scorer reads: grad_norm
 ‖G_m‖, fisher Σ_i‖ĝ_i,m‖², snip ‖θ_m ⊙ G_m‖₁; synflow reads no data. For each scorer: its exact top k against
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     from dp_sapf.cli import COUNT, FRACTION, POSITIVE, SEED, ArgumentParser
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-mnist5k"), help="The public pipeline.")
+    p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-public"), help="The public pipeline.")
     p.add_argument("--data_dir", default=os.path.join(REPO, "runs", "scorer_overlap", "data"),
                    help="Fashion-MNIST imagefolder (prepared here from Debian's package if absent).")
     p.add_argument("--max_per_class", type=COUNT, default=100, help="Train images per class (N = 10 × this).")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job: install, then select -> train -> sample -> evaluate on the embedded default (the
-# committed public model models/tiny-sd-mnist5k, pretrained on MNIST-5k only, + 1,000 real Fashion-MNIST images as
-# the sensitive set), all on the CPU; the public model alone is sampled and evaluated too, for comparison.
+# committed public model models/tiny-sd-public, pretrained on public clip art, emoji and digits, + 1,000 real
+# Fashion-MNIST images as the sensitive set), all on the CPU; the public model alone is sampled and evaluated too.
 # Its training hyperparameters were chosen by experiments/tune_quickstart.sh, which reruns this script with
 # VALIDATION=1 (the "test" split is then 50 held-out *training* images per class, never a real test image) and
 # STEPS / LR / BATCH set per candidate; the defaults below are the candidate that won there.
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
 RUN=${RUN_DIR:-runs/quickstart}
-MODEL=${MODEL:-models/tiny-sd-mnist5k}
+MODEL=${MODEL:-models/tiny-sd-public}
 STEPS=${STEPS:-40} LR=${LR:-1e-2} BATCH=${BATCH:-250}
 if [ "${VALIDATION:-0}" = 1 ]; then HELD_OUT=(--validation_per_class 50); else HELD_OUT=(--test_max_per_class 50); fi
 if [ ! -f "$MODEL/model_index.json" ]; then
@@ -27,7 +27,7 @@ stage() {  # print the stage banner and record the wall time of the one that jus
   echo; echo "== $1 ($(awk -v a="$start" -v b="$now" 'BEGIN{printf "%.0f", b - a}') s)"
 }
 SAMPLE=(--num_images_per_class 30 --num_inference_steps 20 --guidance_scale 3 --batch_size 100 --output_resolution 28)
-EVAL=(--train_data_dir "$RUN/data" --class_prompts fashion_mnist --epochs 3 --classifier_depth 10 --classifier_width 1
+EVAL=(--train_data_dir "$RUN/data" --class_prompts fashion_mnist --epochs 10 --classifier_depth 10 --classifier_width 1
       --fid_max_real 500 --cache_dir "$RUN/cache")
 
 stage "real data: Fashion-MNIST, 100 train / 50 test images per class (the sensitive set)"
