@@ -85,6 +85,8 @@ def M(id, script, what, extra, expect, deep=False):  # a module or experiments/ 
 
 
 PRIVACY = ["--dataset_size", "1000", "--train_batch_size", "100", "--max_train_steps", "10"]
+PE = ["--pretrained_model_name_or_path", "{model}", "--train_data_dir", "{data}", "--class_prompts", "fashion_mnist",
+      "--output_dir", "{out}"]
 
 CASES = [
     # select_salient.py: numbers
@@ -288,6 +290,26 @@ CASES = [
     M("audit_sigma_nan", "-m dp_sapf.audit", "--noise_multiplier nan",
       ["--pretrained_model_name_or_path", "{model}", "--noise_multiplier", "nan"],
       "--noise_multiplier must be a finite number > 0"),
+    # private_evolution.py (the PE baseline) and the comparison's tools
+    M("pe_iterations_zero", "private_evolution.py", "--iterations 0", [*PE, "--target_epsilon", "5", "--iterations", "0"],
+      "--iterations must be an integer >= 1"),
+    M("pe_strength_above_one", "private_evolution.py", "--strength_start 1.5",
+      [*PE, "--target_epsilon", "5", "--strength_start", "1.5"], "--strength_start must be in (0, 1]"),
+    M("pe_epsilon_inf", "private_evolution.py", "--target_epsilon inf (PE has no non-private mode)",
+      [*PE, "--target_epsilon", "inf"], "no non-private mode"),
+    M("pe_sigma_nan", "private_evolution.py", "--noise_multiplier nan", [*PE, "--noise_multiplier", "nan"],
+      "--noise_multiplier must be a finite number > 0"),
+    M("pe_threshold_inf", "private_evolution.py", "--count_threshold inf",
+      [*PE, "--target_epsilon", "5", "--count_threshold", "inf"], "--count_threshold must be a finite number"),
+    M("pe_two_budgets", "private_evolution.py", "both --target_epsilon and --noise_multiplier",
+      [*PE, "--target_epsilon", "5", "--noise_multiplier", "2"], "exactly one of --target_epsilon or --noise_multiplier"),
+    M("compare_epsilon_nan", "experiments/compare.py", "--epsilons nan", ["plan", "--epsilons", "nan"],
+      "--epsilons must be a finite number > 0"),
+    M("compare_pe_strength_zero", "experiments/compare.py", "--pe_strength_end 0", ["plan", "--pe_strength_end", "0"],
+      "--pe_strength_end must be in (0, 1]"),
+    M("roundtrip_psnr_zero", "experiments/vae_roundtrip.py", "--psnr_images 0",
+      ["--pretrained_model_name_or_path", "{model}", "--train_data_dir", "{data}", "--class_prompts", "fashion_mnist",
+       "--output_dir", "{out}", "--psnr_images", "0"], "--psnr_images must be an integer >= 1"),
 ]
 
 
@@ -318,7 +340,7 @@ class World:
     dit_dropout: str = ""
     sd_dropout: str = ""
     a_file: str = ""
-    public_model: str = os.path.join(REPO, "models", "tiny-sd-mnist5k")
+    public_model: str = os.path.join(REPO, "models", "tiny-sd-public")
     out: str = ""
 
 
@@ -474,7 +496,7 @@ def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(world, case, tmp_
 def normalise(line: str, w: World) -> str:
     """The error line with this machine's folders named as the doc names them."""
     for path, name in sorted([(w.out, "OUT"), (w.work, "WORK"), (w.model, "MODEL"), (w.data, "DATA"),
-                              (w.public_model, "models/tiny-sd-mnist5k")], key=lambda p: -len(p[0])):
+                              (w.public_model, "models/tiny-sd-public")], key=lambda p: -len(p[0])):
         line = line.replace(path, name)
     return line
 
