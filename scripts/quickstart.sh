@@ -12,8 +12,12 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
 RUN=${RUN_DIR:-runs/quickstart}
 MODEL=${MODEL:-models/tiny-sd-public}
-STEPS=${STEPS:-40} LR=${LR:-1e-2} BATCH=${BATCH:-250}
-if [ "${VALIDATION:-0}" = 1 ]; then HELD_OUT=(--validation_per_class 50); else HELD_OUT=(--test_max_per_class 50); fi
+STEPS=${STEPS:-150} LR=${LR:-2e-2} BATCH=${BATCH:-250}
+if [ "${VALIDATION:-0}" = 1 ]; then
+  HELD_OUT=(--validation_per_class 50) TEST=held-out
+else
+  HELD_OUT=(--test_max_per_class 50) TEST=test
+fi
 if [ ! -f "$MODEL/model_index.json" ]; then
   echo "error: $MODEL is not a diffusers pipeline (the public model ships with the repository; see experiments/pretrain_public.py)" >&2
   exit 2
@@ -30,7 +34,7 @@ SAMPLE=(--num_images_per_class 30 --num_inference_steps 20 --guidance_scale 3 --
 EVAL=(--train_data_dir "$RUN/data" --class_prompts fashion_mnist --epochs 10 --classifier_depth 10 --classifier_width 1
       --fid_max_real 500 --cache_dir "$RUN/cache")
 
-stage "real data: Fashion-MNIST, 100 train / 50 test images per class (the sensitive set)"
+stage "real data: Fashion-MNIST, 100 train / 50 $TEST images per class (the sensitive set)"
 $PY -m dp_sapf.prepare_data --name fashion_mnist --output_dir "$RUN/data" --max_per_class 100 "${HELD_OUT[@]}"
 stage "1. DP saliency selection (sigma_s = 5) on the public model $MODEL"
 $PY select_salient.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$RUN/data" --resolution 32 \
