@@ -89,6 +89,7 @@ def prepare(name: str, output_dir: str, max_per_class: int | None = None,
         raise ValueError(f"Unknown dataset {name!r}; choose from {', '.join(SOURCES)}.")
     loader, class_names = SOURCES[name]
     splits = loader()
+    ids = {split: np.arange(len(labels)) for split, (_, labels) in splits.items()}  # file names: source indices
     if validation_per_class is not None:
         if max_per_class is None:
             raise ValueError("--validation_per_class needs --max_per_class (the held-out images follow those)")
@@ -98,7 +99,7 @@ def prepare(name: str, output_dir: str, max_per_class: int | None = None,
         held_out = np.setdiff1d(_first_per_class(labels, max_per_class + validation_per_class),
                                 _first_per_class(labels, max_per_class))
         splits = {"train": splits["train"], "test": (images[held_out], labels[held_out])}
-        test_ids = held_out  # file names keep the training index, so the two splits can be checked disjoint
+        ids["test"] = held_out  # named by their training index, so the two splits can be checked disjoint
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     info = {"name": name, "class_names": class_names, "counts": {},
@@ -109,10 +110,9 @@ def prepare(name: str, output_dir: str, max_per_class: int | None = None,
             keep = _first_per_class(labels, limit)
             for c in class_names:
                 os.makedirs(os.path.join(tmp, split, c))
-            ids = test_ids if split == "test" and validation_per_class is not None else np.arange(len(labels))
             for i in tqdm(keep, desc=f"{name} {split}"):
                 Image.fromarray(images[i], mode="L").save(
-                    os.path.join(tmp, split, class_names[labels[i]], f"{ids[i]:05d}.png"))
+                    os.path.join(tmp, split, class_names[labels[i]], f"{ids[split][i]:05d}.png"))
             info["counts"][split] = {c: int((labels[keep] == k).sum()) for k, c in enumerate(class_names)}
         with open(os.path.join(tmp, "dataset_info.json"), "w") as f:  # the whole folder is renamed into place
             json.dump(info, f, indent=2, allow_nan=False)
