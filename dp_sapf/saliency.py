@@ -494,7 +494,10 @@ def check_mask(mask: dict, unet: nn.Module, dataset_size: int) -> None:
         raise ValueError(f"The saliency mask was made for another model (base_model {mask.get('base_model')!r}): "
                          "its candidate matrices do not match this UNet's. Rerun select_salient.py on this model.")
     size = mask["privacy"].get("dataset_size")
-    if mask["scorer"] not in DATA_FREE_SCORERS and size != dataset_size:
+    exact = mask["privacy"].get("mechanism") == "gaussian" and mask["privacy"].get("noise_multiplier") == 0
+    # An exact mask (σ_s = 0) is not private whatever N it saw (every run on it reports ε = inf), so it may come
+    # from a subset, e.g. a cheap exact reference over 5,000 of 60,000 images.
+    if mask["scorer"] not in DATA_FREE_SCORERS and size != dataset_size and not exact:
         raise ValueError(f"The saliency mask was computed on N = {size} images but training data has N = "
                          f"{dataset_size}. Both stages must see the same dataset (check --max_train_samples).")
     unknown = set(mask["target_modules"]) - set(modules)

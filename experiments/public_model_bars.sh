@@ -17,6 +17,7 @@ PY=${PYTHON:-python3}
 MODEL=${1:-models/tiny-sd-public}
 WORK=${2:-${DP_SAPF_CACHE:-$HOME/.cache/dp-sapf}/public_bars}
 OUT=results/public_model
+BARS=${BARS:-lora_mask lora_all digits zero_shot vae}  # the order they run in: the attention bars first
 STEPS=${STEPS:-600}          # LoRA steps of B = 64: chosen to fit 30 min on this CPU (the record has the wall time)
 mkdir -p "$WORK" "$OUT"
 CLS=(--classifier_depth 10 --classifier_width 1 --epochs 10 --skip_fid)
@@ -42,23 +43,27 @@ timed() {  # timed FILE cmd...: run, append the wall time to FILE
 [ -f "$WORK/mnist5k/dataset_info.json" ] || $PY -m dp_sapf.prepare_data --name mnist5k --output_dir "$WORK/mnist5k"
 FASHION=(--train_data_dir "$WORK/fashion" --class_prompts fashion_mnist)
 
-echo "== vae: Fashion-MNIST train through the public VAE"
-if [ ! -f "$OUT/vae.json" ]; then
+bar_vae() {
+  [ -f "$OUT/vae.json" ] && return
   [ -f "$WORK/vae_roundtrip/psnr.json" ] || $PY experiments/vae_roundtrip.py --pretrained_model_name_or_path "$MODEL" \
     "${FASHION[@]}" --output_dir "$WORK/vae_roundtrip"
   [ -f "$WORK/vae_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/vae_roundtrip" "${FASHION[@]}" "${CLS[@]}" \
     --output_dir "$WORK/vae_eval"
   record vae "$WORK/vae_eval/metrics.json" "$(cat "$WORK/vae_roundtrip/psnr.json")"
-fi
+}
 
-for target in mask all; do
-  echo "== lora_$target: non-private LoRA, Fashion-MNIST train"
-  [ -f "$OUT/lora_$target.json" ] && continue
-  D="$WORK/lora_$target"; mkdir -p "$D"
-  MASK=()
+bar_lora() {  # bar_lora mask|all
+  local target=$1
+  [ -f "$OUT/lora_$target.json" ] && return
+  local D="$WORK/lora_$target" MASK=()
+  mkdir -p "$D"
   if [ "$target" = mask ]; then
-    [ -f "$WORK/exact_mask.json" ] || $PY select_salient.py --pretrained_model_name_or_path "$MODEL" "${FASHION[@]}" \
-      --resolution 32 --max_train_samples 5000 --selection_noise_multiplier 0 --output "$WORK/exact_mask.json"
+    # the exact scores (σ_s = 0: not private, like every run of this bar) of 500 train images per class
+    [ -f "$WORK/fashion5k/dataset_info.json" ] || $PY -m dp_sapf.prepare_data --name fashion_mnist --max_per_class 500 \
+      --test_max_per_class 1 --output_dir "$WORK/fashion5k"
+    [ -f "$WORK/exact_mask.json" ] || $PY select_salient.py --pretrained_model_name_or_path "$MODEL" \
+      --train_data_dir "$WORK/fashion5k" --class_prompts fashion_mnist --resolution 32 --selection_noise_multiplier 0 \
+      --output "$WORK/exact_mask.json"
     MASK=(--saliency_mask "$WORK/exact_mask.json")
   else
     MASK=(--lora_target all_attention)
@@ -74,23 +79,28 @@ for target in mask all; do
     --skip_real_reference --output_dir "$D/eval"
   record "lora_$target" "$D/eval/metrics.json" \
     "{\"train_wall_s\": $(cat "$D/train_s" 2>/dev/null || echo null), \"steps\": $STEPS, \"batch\": 64, \"rank\": 8, \"lr\": 5e-3}"
-done
+}
+bar_lora_mask() { bar_lora mask; }
+bar_lora_all() { bar_lora all; }
 
-echo "== digits: MNIST-5k prompts, no fine-tuning"
-if [ ! -f "$OUT/digits.json" ]; then
-  [ -f "$WORK/digits/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts mnist \
+bar_digits() {
+  [ -f "$OUT/digits.json" ] && return  [ -f "$WORK/digits/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts mnist \
     "${SAMPLE[@]}" --output_dir "$WORK/digits"
   [ -f "$WORK/digits_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/digits" \
     --train_data_dir "$WORK/mnist5k" --class_prompts mnist "${CLS[@]}" --no_classifier_flip --output_dir "$WORK/digits_eval"
   record digits "$WORK/digits_eval/metrics.json" "{}"
-fi
+}
 
-echo "== zero_shot: Fashion-MNIST prompts, no fine-tuning"
-if [ ! -f "$OUT/zero_shot.json" ]; then
-  [ -f "$WORK/zero_shot/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" \
+bar_zero_shot() {
+  [ -f "$OUT/zero_shot.json" ] && return  [ -f "$WORK/zero_shot/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" \
     --class_prompts fashion_mnist "${SAMPLE[@]}" --output_dir "$WORK/zero_shot"
   [ -f "$WORK/zero_shot_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/zero_shot" "${FASHION[@]}" \
     "${CLS[@]}" --skip_real_reference --output_dir "$WORK/zero_shot_eval"
   record zero_shot "$WORK/zero_shot_eval/metrics.json" "{}"
-fi
+}
+
+for bar in $BARS; do
+  echo "== $bar"
+  "bar_$bar"
+done
 echo "Records in $OUT"

@@ -4,7 +4,7 @@
 # Fashion-MNIST images as the sensitive set), all on the CPU; the public model alone is sampled and evaluated too.
 # Its training hyperparameters were chosen by experiments/tune_quickstart.sh, which reruns this script with
 # VALIDATION=1 (the "test" split is then 50 held-out *training* images per class, never a real test image) and
-# STEPS / LR / BATCH set per candidate; the defaults below are the candidate that won there.
+# STEPS / LR / BATCH / PER_CLASS set per candidate; the defaults below are the candidate that won there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PYTHON:-python3}
 RUN=${RUN_DIR:-runs/quickstart}
 MODEL=${MODEL:-models/tiny-sd-public}
-STEPS=${STEPS:-150} LR=${LR:-2e-2} BATCH=${BATCH:-250}
+STEPS=${STEPS:-150} LR=${LR:-2e-2} BATCH=${BATCH:-250} PER_CLASS=${PER_CLASS:-100}
 if [ "${VALIDATION:-0}" = 1 ]; then
   HELD_OUT=(--validation_per_class 50) TEST=held-out
 else
@@ -34,8 +34,8 @@ SAMPLE=(--num_images_per_class 30 --num_inference_steps 20 --guidance_scale 3 --
 EVAL=(--train_data_dir "$RUN/data" --class_prompts fashion_mnist --epochs 10 --classifier_depth 10 --classifier_width 1
       --fid_max_real 500 --cache_dir "$RUN/cache")
 
-stage "real data: Fashion-MNIST, 100 train / 50 $TEST images per class (the sensitive set)"
-$PY -m dp_sapf.prepare_data --name fashion_mnist --output_dir "$RUN/data" --max_per_class 100 "${HELD_OUT[@]}"
+stage "real data: Fashion-MNIST, $PER_CLASS train / 50 $TEST images per class (the sensitive set)"
+$PY -m dp_sapf.prepare_data --name fashion_mnist --output_dir "$RUN/data" --max_per_class "$PER_CLASS" "${HELD_OUT[@]}"
 stage "1. DP saliency selection (sigma_s = 5) on the public model $MODEL"
 $PY select_salient.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$RUN/data" --resolution 32 \
   --class_prompts fashion_mnist --select_ratio 0.3 --selection_noise_multiplier 5 --output "$RUN/mask.json"

@@ -147,6 +147,10 @@ def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp
     assert "selection is mostly noise" in res.stderr
     parts = modeling.load_pipeline_parts(tiny_pipeline_dir)
     saliency.check_mask(mask, parts.unet, 40)
+    with pytest.raises(ValueError, match="computed on N = 40"):  # a private mask binds its N ...
+        saliency.check_mask(mask, parts.unet, 41)
+    exact = {**mask, "privacy": {**mask["privacy"], "noise_multiplier": 0.0}}
+    saliency.check_mask(exact, parts.unet, 41)  # ... an exact one (ε = inf anyway) may come from a subset
     modeling.add_lora(parts.unet, mask["target_modules"], rank=4)
 
     # the public --seed touches no private randomness: with the same secret --dp_seed the release is identical
