@@ -173,9 +173,9 @@ def main(argv=None):
                 chosen = np.sort(np.random.default_rng(0).choice(len(split), args.fid_max_real, replace=False))
             key = {"source": source, "config": args.dataset_config_name, "split": split_name, "n": len(split),
                    **({"subset": len(chosen)} if len(chosen) < len(split) else {})}
-            feats = metrics.cached_features(key, lambda s=split, c=chosen: metrics.inception_features(
+            feats = metrics.cached_features(key, lambda resume, s=split, c=chosen: metrics.inception_features(
                 (s.image(i) for i in c), model, args.fid_batch_size, desc=f"Inception (real {split_name})",
-                total=len(c)), args.cache_dir)
+                total=len(c), resume_path=resume), args.cache_dir)
             result[f"fid_{split_name}"] = metrics.fid_from_features(syn_feats, feats)
 
     if not args.skip_accuracy:

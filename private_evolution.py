@@ -307,8 +307,9 @@ def private_embeddings(args, train) -> np.ndarray:
     source = args.train_data_dir and os.path.abspath(args.train_data_dir) or args.dataset_name
     key = {"source": source, "config": args.dataset_config_name, "split": "train", "n": len(train)}
     model = metrics.load_inception()
-    return metrics.cached_features(key, lambda: metrics.inception_features(
-        images, model, args.embedding_batch_size, desc="Inception (private)", total=len(train)), args.cache_dir)
+    return metrics.cached_features(key, lambda resume: metrics.inception_features(
+        images, model, args.embedding_batch_size, desc="Inception (private)", total=len(train), resume_path=resume),
+        args.cache_dir)
 
 
 def embedder(args):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -53,18 +55,39 @@ def to_uint8_rgb(image: Image.Image) -> np.ndarray:
 
 @torch.no_grad()
 def inception_features(images, model=None, batch_size: int = 50, device="cpu", desc="Inception features",
-                       total: int | None = None) -> np.ndarray:
-    """(N, 2048) pool features of PIL images: uint8 RGB -> bilinear 299 -> scaled to [-1, 0.9921875]."""
+                       total: int | None = None, resume_path: str | None = None,
+                       save_every_s: float = 300.0) -> np.ndarray:
+    """(N, 2048) pool features of PIL images: uint8 RGB -> bilinear 299 -> scaled to [-1, 0.9921875].
+
+    resume_path: the features computed so far are saved there (atomically, every save_every_s seconds) and a later
+    call over the same images in the same order starts after them. On a CPU the 60,000 Fashion-MNIST images take
+    about two hours: more than one session may hold.
+    """
     model = model or load_inception(device=device)
     feats, batch = [], []
+    if resume_path and os.path.isfile(resume_path):
+        feats.append(np.load(resume_path)["features"])
+        images = itertools.islice(images, len(feats[0]), None)
+    done = sum(len(f) for f in feats)
+    last_save = time.monotonic()
+
+    def save():
+        from .atomic import replacing
+
+        with replacing(resume_path) as tmp:
+            np.savez(tmp, features=np.concatenate(feats))
 
     def flush():
+        nonlocal last_save
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().to(device)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         feats.append(model(x / 128.0 - 1.0).reshape(len(batch), -1).double().cpu().numpy())
         batch.clear()
+        if resume_path and time.monotonic() - last_save >= save_every_s:
+            save()
+            last_save = time.monotonic()
 
-    for image in tqdm(images, desc=desc, total=total, unit="img"):
+    for image in tqdm(images, desc=desc, total=total, initial=done, unit="img"):
         batch.append(to_uint8_rgb(image))
         if len(batch) == batch_size:
             flush()
@@ -97,18 +120,26 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cached_features(key: dict, compute, cache_dir: str | None) -> np.ndarray:
-    """Features of a real set, cached on disk under a hash of what identifies it."""
+    """Features of a real set, cached on disk under a hash of what identifies it.
+
+    compute(resume_path) computes them; resume_path (None without a cache) keeps the partial features of an
+    interrupted call (`inception_features`), deleted once the whole set is cached.
+    """
     if not cache_dir:
-        return compute()
+        return compute(None)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"inception-{name}.npz")
     if os.path.isfile(path):
         return np.load(path)["features"]
-    features = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    partial = os.path.join(cache_dir, f"inception-{name}.partial.npz")
+    features = compute(partial)
     from .atomic import replacing
 
     with replacing(path) as tmp:  # its name ends in .npz, so np.savez keeps it
         np.savez(tmp, features=features, key=json.dumps(key))
+    if os.path.isfile(partial):
+        os.remove(partial)
     return features
 
 

@@ -54,3 +54,19 @@ def test_the_selection_variants_spend_the_same_total_epsilon():
     assert compare.selection_budget(runs["ptr_selection_eps10_seed0"], args) == ["--selection_epsilon", 2.0]
     assert compare.selection_budget(runs["exponential_selection_eps1_seed0"], args) == ["--selection_epsilon", 0.2]
     assert compare.selection_budget(runs["snip_selection_eps1_seed0"], args) == []
+
+
+def test_one_selection_release_serves_every_run_that_can_share_it():
+    """The Gaussian selection (σ_s fixed) of a seed serves both ε and the w/o-LoRA run; the exponential and PTR
+    selections spend a share of each run's ε, and other seeds, scorers or ρ are other releases."""
+    from experiments import compare
+
+    args = compare.parse_args(["plan", "--scale", "cpu"])
+    assert (args.train_batch_size, args.max_train_steps, args.num_synthetic) == (1000, 50, 1000)
+    assert compare.parse_args(["plan", "--scale", "cpu", "--max_train_steps", "7"]).max_train_steps == 7  # flag wins
+    runs = {r["name"]: r for r in compare.plan(args)}
+    key = {name: compare.selection_key(run) for name, run in runs.items() if run["method"] in compare.SELECTION}
+    assert key["dp_sapf_eps1_seed0"] == key["dp_sapf_eps10_seed0"] == key["wo_lora_eps1_seed0"]
+    assert key["dp_sapf_eps10_seed0"] != key["dp_sapf_eps10_seed1"] != key["dp_sapf_rho0.1_eps10_seed0"]
+    assert key["snip_selection_eps10_seed0"] != key["dp_sapf_eps10_seed0"]
+    assert key["ptr_selection_eps1_seed0"] != key["ptr_selection_eps10_seed0"]

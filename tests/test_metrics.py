@@ -68,6 +68,24 @@ def test_inception_preprocessing_is_the_tf_convention():
     assert not np.allclose(feats[0], feats[1])
 
 
+def test_inception_features_resume_after_an_interruption(tmp_path):
+    """Hours of real features survive a killed session: the partial file is picked up where it stopped."""
+    images = [Image.new("RGB", (28, 28), (40 * i, 255 - 40 * i, 0)) for i in range(5)]
+    model = metrics.load_inception()
+    whole = metrics.inception_features(images, model, batch_size=2)
+
+    def interrupted():
+        yield from images[:3]
+        raise KeyboardInterrupt
+
+    partial = str(tmp_path / "partial.npz")
+    with pytest.raises(KeyboardInterrupt):
+        metrics.inception_features(interrupted(), model, batch_size=2, resume_path=partial, save_every_s=0)
+    assert len(np.load(partial)["features"]) == 2  # the one full batch before the interruption
+    resumed = metrics.inception_features(iter(images), model, batch_size=2, resume_path=partial, save_every_s=0)
+    assert np.allclose(resumed, whole, atol=1e-5) and len(resumed) == 5
+
+
 def easy_split(n_per_class: int, seed: int):
     """Two classes any classifier separates: horizontal vs vertical stripes, random phase and noise."""
     g = torch.Generator().manual_seed(seed)
