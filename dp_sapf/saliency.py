@@ -387,6 +387,35 @@ def mask_privacy(*, scorer: str, mechanism: str, noise_multiplier: float, max_gr
     return record
 
 
+DERIVABLE_SCORERS = ("grad_norm", "grad_norm_debiased")
+
+
+def derive_mask(source: dict, *, ratio: float, granularity: str, scorer: str) -> dict:
+    """Another mask from the noisy scores a Gaussian grad_norm mask already released: free post-processing.
+
+    The scores ‖G̃_m‖ of every candidate are public once released, so another ρ, the layer-level ranking (a layer's
+    block norm is sqrt(Σ ‖G̃_m‖²)) and the debiased score ‖G̃_m‖² − d_m(σ_s·C_s/N)² follow without touching the data
+    or spending ε: the result equals a fresh selection with the same secret noise (tests/test_selection.py).
+    """
+    record = source["privacy"]
+    if record.get("mechanism") != "gaussian" or source["scorer"] != "grad_norm" or source["granularity"] != "matrix":
+        raise ValueError("Only a matrix-level grad_norm mask of the Gaussian mechanism releases the scores another mask "
+                         f"can be derived from (this one: {record.get('mechanism')}, {source['scorer']}, "
+                         f"{source['granularity']}).")
+    if scorer not in DERIVABLE_SCORERS:
+        raise ValueError(f"Only {', '.join(DERIVABLE_SCORERS)} follow from the released norms, not {scorer!r}.")
+    scores = dict(source["scores"])
+    if scorer == "grad_norm_debiased":
+        variance = record["noise_std"] ** 2
+        scores = {name: s ** 2 - math.prod(source["candidates"][name]) * variance for name, s in scores.items()}
+    chosen = rank_and_select(scores, ratio, granularity, scorer)
+    return {**source, "granularity": granularity, "select_ratio": ratio, "num_selected": len(chosen), "scorer": scorer,
+            "target_modules": chosen, "scores": scores, "ranking": None,
+            "derived_from": {"scorer": source["scorer"], "granularity": source["granularity"],
+                             "select_ratio": source["select_ratio"],
+                             "note": "re-ranked from the released noisy scores: post-processing, no privacy cost"}}
+
+
 def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, granularity: str, ratio: float,
                scorer: str, result: SelectionResult, seed: int | None, privacy_record: dict,
                class_names: list[str], class_prompts: list[str], backbone: str = "sd",

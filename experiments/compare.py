@@ -38,6 +38,11 @@ and the fine-tuning-free baseline:
 at each ε of --epsilons; dp_sapf and dp_lora with every seed of --seeds, the others with the first; plus a ρ sweep
 of dp_sapf at the largest ε. Hyperparameters are the same for all DP methods (B, T, C, lr; see `settings`) and
 were chosen without looking at Fashion-MNIST test results (docs/results.md says how).
+
+Selections are shared where the release is the same (<work_dir>/masks/): a seed's Gaussian selection (σ_s does not
+depend on ε) serves dp_sapf and wo_lora at every ε, and the ρ sweep, layer_selection and debiased_selection re-rank
+its released noisy norms (saliency.derive_mask, tested equal to a fresh selection with the same noise). Each run's
+(ε, δ) claim holds on its own; none is made for several runs released together.
 """
 
 from __future__ import annotations
@@ -225,15 +230,22 @@ def execute(run: dict, args) -> dict:
             "--output_resolution", 28, "--batch_size", args.sample_batch_size,
             "--cache_dir", os.path.join(args.work_dir, "fid_cache"), "--output_dir", synthetic), log)
     if method in SELECTION and not os.path.isfile(mask):
-        shared = os.path.join(args.work_dir, "masks", selection_key(run) + ".json")
+        derived = derivation(run, args)
+        source = {**run, "method": "dp_sapf", "rho": args.select_ratio} if derived else run
+        shared = os.path.join(args.work_dir, "masks", selection_key(source) + ".json")
         with _key_lock(shared):
             if not os.path.isfile(shared):
                 os.makedirs(os.path.dirname(shared), exist_ok=True)
-                wall["select"] = call(script("select_salient.py", *common, "--select_ratio", run["rho"],
+                wall["select"] = call(script("select_salient.py", *common, "--select_ratio", source["rho"],
                                              "--selection_batch_size", args.max_physical_batch_size,
                                              "--mixed_precision", args.mixed_precision, "--output", shared,
-                                             *SELECTION[method], *selection_budget(run, args)), log)
-        shutil.copyfile(shared, mask)
+                                             *SELECTION[source["method"]], *selection_budget(source, args)), log)
+        if derived:
+            from dp_sapf import atomic, saliency
+
+            atomic.write_json(mask, saliency.derive_mask(saliency.read_mask(shared), **derived))
+        else:
+            shutil.copyfile(shared, mask)
     model_dir = os.path.join(folder, "model")
     if method not in ("no_finetune", "pe") and run_folder.read_status(model_dir) != COMPLETE:
         privacy = [] if run["epsilon"] is None else ["--target_epsilon", run["epsilon"]]
@@ -281,6 +293,18 @@ def selection_key(run: dict) -> str:
     flags = "_" + ("_".join(f.lstrip("-") for f in SELECTION[run["method"]]) or "gaussian")
     eps = f"_eps{run['epsilon']:g}" if run["method"] in EPSILON_SELECTIONS else ""
     return f"select{flags}_rho{run['rho']:g}{eps}_seed{run['seed']}"
+
+
+def derivation(run: dict, args) -> dict | None:
+    """How a run's mask follows from DP-SAPF's release of the same seed (saliency.derive_mask), or None: the ρ
+    sweep, the layer ranking and the debiased score re-rank the same noisy norms, at no privacy cost."""
+    if run["method"] == "dp_sapf" and run["rho"] != args.select_ratio:
+        return {"ratio": run["rho"], "granularity": "matrix", "scorer": "grad_norm"}
+    if run["method"] == "layer_selection":
+        return {"ratio": run["rho"], "granularity": "layer", "scorer": "grad_norm"}
+    if run["method"] == "debiased_selection":
+        return {"ratio": run["rho"], "granularity": "matrix", "scorer": "grad_norm_debiased"}
+    return None
 
 
 _KEY_LOCKS: dict = {}

@@ -70,3 +70,8 @@ def test_one_selection_release_serves_every_run_that_can_share_it():
     assert key["dp_sapf_eps10_seed0"] != key["dp_sapf_eps10_seed1"] != key["dp_sapf_rho0.1_eps10_seed0"]
     assert key["snip_selection_eps10_seed0"] != key["dp_sapf_eps10_seed0"]
     assert key["ptr_selection_eps1_seed0"] != key["ptr_selection_eps10_seed0"]
+    derived = {name for name, run in runs.items() if compare.derivation(run, args)}
+    assert derived == {"dp_sapf_rho0.1_eps10_seed0", "dp_sapf_rho0.5_eps10_seed0", "layer_selection_eps1_seed0",
+                       "layer_selection_eps10_seed0", "debiased_selection_eps1_seed0", "debiased_selection_eps10_seed0"}
+    passes = {key[n] for n in key if n not in derived} - {key["random_selection_eps10_seed0"], key["synflow_selection_eps10_seed0"]}
+    assert len(passes) == 8  # over the data: dp_sapf × 3 seeds, snip, exponential × 2 ε, PTR × 2 ε

@@ -160,6 +160,29 @@ def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp
     assert saliency.read_mask(other)["scores"] == mask["scores"]
 
 
+def test_derived_masks_equal_fresh_selections_with_the_same_noise(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    """Another ρ, the layer ranking and the debiased score re-rank the released noisy norms: the derived mask is
+    the one a fresh selection with the same secret noise picks, so sharing one release costs nothing."""
+    def selected(name, *extra):
+        out = str(tmp_path / f"{name}.json")
+        res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, out) + ["--dp_seed", "1", *extra])
+        assert res.returncode == 0, res.stderr[-3000:]
+        return saliency.read_mask(out)
+
+    source = selected("source")
+    for extra, (ratio, granularity, scorer) in [
+            (["--select_ratio", "0.5"], (0.5, "matrix", "grad_norm")),
+            (["--granularity", "layer"], (0.3, "layer", "grad_norm")),
+            (["--scorer", "grad_norm_debiased"], (0.3, "matrix", "grad_norm_debiased"))]:
+        derived = saliency.derive_mask(source, ratio=ratio, granularity=granularity, scorer=scorer)
+        fresh = selected("_".join(extra).strip("-"), *extra)
+        assert saliency.mask_problem(derived) is None
+        assert derived["target_modules"] == fresh["target_modules"] and derived["privacy"] == fresh["privacy"]
+        assert derived["scores"] == pytest.approx(fresh["scores"], rel=1e-9)
+    with pytest.raises(ValueError, match="Only a matrix-level grad_norm mask"):
+        saliency.derive_mask(derived, ratio=0.3, granularity="matrix", scorer="grad_norm")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--select_ratio", "0"], "select_ratio"),
     (["--select_ratio", "1.5"], "select_ratio"),
