@@ -85,7 +85,7 @@ SCALES = {
     "paper": {},
     "cpu": dict(train_batch_size=1000, max_physical_batch_size=250, max_train_steps=50, learning_rate=2e-2,
                 num_synthetic=1000, sample_batch_size=250, classifier="wrn", classifier_epochs=20, classifier_depth=10,
-                classifier_width=1, rho_sweep=[0.1, 0.3, 0.5],
+                classifier_width=1, rho_sweep=[0.1, 0.3, 0.5], fid_max_real=10000,
                 work_dir=os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "compare_cpu"),
                 results_dir=os.path.join(REPO, "results", "compare_cpu")),
 }
@@ -149,8 +149,9 @@ def parse_args(argv=None):
                         "synthetic images, tiny classifiers, dp_sapf / dp_lora / no_finetune at ε = 10, one seed.")
     p.add_argument("--scale", choices=list(SCALES), default="paper",
                    help="Presets of the size flags: paper (B = 4096, T = 1000, 10,000 synthetic images, WRN-28-10 and "
-                        "ResNet; a GPU) or cpu (B = 1000, T = 50, 1,000 synthetic images, WRN-10-1, runs and records "
-                        "outside runs/: about 10 hours on 2 CPU cores). Flags given explicitly win over the preset.")
+                        "ResNet; a GPU) or cpu (B = 1000, T = 50, 1,000 synthetic images, WRN-10-1, FID against a fixed 10,000 "
+                        "of the real train images, runs outside the work tree: about 10 hours on 2 CPU cores). Flags "
+                        "given explicitly win over the preset.")
     scale = p.parse_known_args(argv)[0].scale
     p.set_defaults(**SCALES[scale])
     args = p.parse_args(argv)
