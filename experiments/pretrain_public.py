@@ -235,7 +235,9 @@ class State:
         self.vae_batches = Batches(len(corpus), args.vae_batch_size, self.generator)
         self.unet_batches = Batches(len(corpus), args.batch_size, self.generator)
         self.scaling_factor = None
-        self.command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), os.getcwd())] + sys.argv[1:])
+        home = os.path.expanduser("~")  # the card shows ~/..., not this machine's home folder
+        self.command = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), os.getcwd())] +
+                                            [a.replace(home, "~", 1) if a.startswith(home) else a for a in sys.argv[1:]])
         self.path = os.path.join(args.work_dir, CHECKPOINT_NAME)
         self.steps_this_call, self.last_save = 0, time.time()
 
