@@ -145,7 +145,8 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
     records = load(results_dir)
     if not records:
         raise SystemExit(f"error: no results in {results_dir}: run `experiments/compare.py run` first.")
-    settings = records[0]["settings"]
+    # the training settings as a trained run recorded them (no_finetune's record predates the choice of lr, B, T)
+    settings = next((r["settings"] for r in records if r["method"] not in ("no_finetune", "pe")), records[0]["settings"])
     devices = sorted({r["device"] for r in records})
     reference = {k: v for r in records for k, v in r["metrics"].items() if k.startswith("real_reference")}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
