@@ -62,7 +62,7 @@ def test_one_selection_release_serves_every_run_that_can_share_it():
     from experiments import compare
 
     args = compare.parse_args(["plan", "--scale", "cpu"])
-    assert (args.train_batch_size, args.max_train_steps, args.num_synthetic) == (1000, 50, 1000)
+    assert (args.train_batch_size, args.max_train_steps, args.num_synthetic) == (500, 100, 1000)
     assert compare.parse_args(["plan", "--scale", "cpu", "--max_train_steps", "7"]).max_train_steps == 7  # flag wins
     runs = {r["name"]: r for r in compare.plan(args)}
     key = {name: compare.selection_key(run) for name, run in runs.items() if run["method"] in compare.SELECTION}
