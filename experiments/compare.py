@@ -149,9 +149,9 @@ def parse_args(argv=None):
                         "synthetic images, tiny classifiers, dp_sapf / dp_lora / no_finetune at ε = 10, one seed.")
     p.add_argument("--scale", choices=list(SCALES), default="paper",
                    help="Presets of the size flags: paper (B = 4096, T = 1000, 10,000 synthetic images, WRN-28-10 and "
-                        "ResNet; a GPU) or cpu (B = 500, T = 100, 1,000 synthetic images, WRN-10-1, FID against a fixed 10,000 "
-                        "of the real train images, runs outside the work tree: about 10 hours on 2 CPU cores). Flags "
-                        "given explicitly win over the preset.")
+                        "ResNet; a GPU) or cpu (B = 500, T = 100, 1,000 synthetic images, WRN-10-1, FID against a "
+                        "fixed 10,000 of the real train images, runs outside the work tree: about 10 hours on 2 CPU "
+                        "cores). Flags given explicitly win over the preset.")
     scale = p.parse_known_args(argv)[0].scale
     p.set_defaults(**SCALES[scale])
     args = p.parse_args(argv)

