@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dp_sapf import atomic, data, metrics
+from dp_sapf import atomic, data, metrics, run_folder, timing
 from dp_sapf.cli import COUNT, POSITIVE, PROBABILITY, SEED, ArgumentParser, number, run_cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -162,9 +162,13 @@ def main(argv=None):
     result = {"synthetic_dir": args.synthetic_dir, "num_synthetic": len(syn_images), "real": source,
               "num_real_train": len(train), "num_real_test": len(test), "class_names": train.class_names}
 
+    timings = timing.Timings("cpu")  # the figures bench/scripts_report.py sets beside bench_step.py's rows
+    throughput = {}
     if not args.skip_fid:
         model = metrics.load_inception()
-        syn_feats = metrics.inception_features(syn_images, model, args.fid_batch_size, desc="Inception (synthetic)")
+        with timings.stage("inception_synthetic"):
+            syn_feats = metrics.inception_features(syn_images, model, args.fid_batch_size, desc="Inception (synthetic)")
+        throughput["inception_images_per_s"] = round(len(syn_images) / timings.stages["inception_synthetic"], 2)
         for split_name, split in [(args.real_split, train)] + ([(args.fid_test_split, data.load_labelled_images(
                 args, args.fid_test_split, class_names=names, min_classes=1))] if args.fid_test_split else []):
             chosen = np.arange(len(split))
@@ -194,8 +198,12 @@ def main(argv=None):
                   lr=args.classifier_lr, batch_size=args.classifier_batch_size, seed=args.seed,
                   depth=args.classifier_depth, width=args.classifier_width, flip=not args.no_classifier_flip)
         for arch in archs:
-            model, _ = metrics.train_classifier(x_syn[syn_fit], y_syn[syn_fit], x_sel, y_sel, arch=arch,
-                                                desc=f"{arch} on synthetic", **kw)
+            with timings.stage(f"classifier_{arch}"):
+                model, _ = metrics.train_classifier(x_syn[syn_fit], y_syn[syn_fit], x_sel, y_sel, arch=arch,
+                                                    desc=f"{arch} on synthetic", **kw)
+            # per-epoch validation included: what the script spends per training image seen
+            throughput[f"classifier_{arch}_samples_per_s"] = round(
+                args.epochs * len(syn_fit) / timings.stages[f"classifier_{arch}"], 2)
             result[f"accuracy_{arch}"] = metrics.accuracy(model, x_test, y_test)
             if not args.skip_real_reference:
                 model, _ = metrics.train_classifier(x_real[real_fit], y_real[real_fit], x_real[real_val],
@@ -205,6 +213,10 @@ def main(argv=None):
         result["classifier_settings"] = {k: v for k, v in kw.items() if k != "num_classes"}
 
     write_outputs(result, args.output_dir)
+    # beside the metrics, not inside them (as the other scripts keep timings apart from their outputs)
+    run_folder.write_json(args.output_dir, "timings.json", {**timings.summary(), **throughput,
+                                                            "fid_batch_size": args.fid_batch_size,
+                                                            "classifier_batch_size": args.classifier_batch_size})
 
 
 def write_outputs(result: dict, output_dir: str) -> None:

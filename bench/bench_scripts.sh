@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Benchmark what a user runs: the real scripts through `accelerate launch`, next to bench_step.py's rows for the
-# same UNet, batch and precision, measured in one run. Each script records its own timings (run_status.json,
-# <mask>.timings.json, the synthetic folder's timings.json); bench/scripts_report.py turns them into a table in
-# docs/benchmarks.md with the script/benchmark ratios and the paper recipe projected from script-level figures.
+# Benchmark what a user runs: the real scripts through `accelerate launch` (evaluate.py, CPU-only, as a plain call),
+# next to bench_step.py's rows for the same UNet, batch and precision, measured in one run. Each script records its
+# own timings (run_status.json, <mask>.timings.json, the synthetic and eval folders' timings.json);
+# bench/scripts_report.py turns them into a table in docs/benchmarks.md with the script/benchmark ratios and the paper recipe projected from script-level figures.
 #
 #   bash bench/bench_scripts.sh                        # GPU: SD-v1.5's architecture (random weights), 256 px, bf16
 #   ARCH=sd3-medium bash bench/bench_scripts.sh        # GPU: SD3-medium's MMDiT (no T5), 256 px, bf16
@@ -49,9 +49,14 @@ echo "== sample.py"
 rm -rf "$OUT/synthetic"
 $LAUNCH sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$OUT/train_dp" --num_images "$SAMPLES" \
   --batch_size "$PHYS" --num_inference_steps 10 --resolution "$RES" --mixed_precision "$MP" --output_dir "$OUT/synthetic"
+echo "== evaluate.py (Inception features of the synthetic images, then a WRN-10-1 trained on them)"
+rm -rf "$OUT/eval"
+$PY evaluate.py --synthetic_dir "$OUT/synthetic" --train_data_dir "$OUT/data" --class_prompts fashion_mnist \
+  --fid_max_real "$SAMPLES" --cache_dir "$OUT/fid_cache" --classifier_depth 10 --classifier_width 1 --epochs 2 \
+  --skip_real_reference --output_dir "$OUT/eval"
 echo "== bench_step.py (same UNet, batch, precision)"
 latent=$((RES / 8)); case $ARCH in tiny*) latent=$((RES / 4)) ;; esac
 $LAUNCH bench/bench_step.py --model "$ARCH" --pretrained_model_name_or_path "$MODEL" --batch_size "$PHYS" \
   --latent_size "$latent" --mixed_precision "$MP" $(case $VARIANTS in *compile*) echo --compile ;; esac) \
-  --output_json "$OUT/bench_step.json" --markdown ""
+  --eval_rows --output_json "$OUT/bench_step.json" --markdown ""
 $PY bench/scripts_report.py "$OUT" --markdown "$MARKDOWN"

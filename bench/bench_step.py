@@ -41,6 +41,14 @@ def parse_args():
     p.add_argument("--select_ratio", type=float, default=0.3, help="Mask size for the LoRA rows.")
     p.add_argument("--steps", type=int, default=10, help="Timed steps per row.")
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps per row.")
+    p.add_argument("--eval_rows", action="store_true",
+                   help="Also time evaluate.py's two costs: Inception features of 299-px images and a classifier step.")
+    p.add_argument("--fid_batch_size", type=int, default=50, help="Inception batch of the evaluation row (evaluate.py's).")
+    p.add_argument("--classifier_batch_size", type=int, default=128,
+                   help="Batch of the classifier row (evaluate.py's --classifier_batch_size).")
+    p.add_argument("--classifier_depth", type=int, default=10, help="WRN depth of the classifier row.")
+    p.add_argument("--classifier_width", type=int, default=1, help="WRN width of the classifier row.")
+    p.add_argument("--eval_steps", type=int, default=4, help="Timed calls per evaluation row (Inception is slow on a CPU).")
     p.add_argument("--compile", action="store_true",
                    help="Also time the 30%% mask rows with torch.compile (non-private and DP with probes).")
     p.add_argument("--only_selection", action="store_true",
@@ -101,21 +109,56 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, args, device):
-    """Samples/s of fn over args.steps calls after args.warmup, and peak memory."""
+def timed(fn, args, device, batch_size=None, steps=None):
+    """Samples/s of fn over `steps` (default args.steps) calls of `batch_size` (default args.batch_size) samples
+    after args.warmup calls, and peak memory."""
+    batch_size, steps = batch_size or args.batch_size, steps or args.steps
     for _ in range(args.warmup):
         fn()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         fn()
     sync(device)
     elapsed = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"samples_per_s": args.steps * args.batch_size / elapsed, "peak_memory_gib": peak / 2 ** 30}
+    return {"samples_per_s": steps * batch_size / elapsed, "peak_memory_gib": peak / 2 ** 30}
+
+
+def evaluation_rows(args):
+    """evaluate.py's costs on the CPU where it runs: the Inception forward as metrics.inception_features calls it
+    (uint8 NHWC -> channels-last float -> bilinear 299), and one step of the downstream WRN with its augmentation."""
+    import torch.nn.functional as F
+
+    from dp_sapf import metrics
+
+    g = torch.Generator().manual_seed(0)
+    inception = metrics.load_inception()
+    images = torch.randint(0, 256, (args.fid_batch_size, 32, 32, 3), generator=g, dtype=torch.uint8)
+
+    @torch.no_grad()
+    def features():
+        x = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(299, 299), mode="bilinear", align_corners=False)
+        inception(x / 128.0 - 1.0)
+
+    classifier = metrics.build_classifier("wrn", 10, args.classifier_depth, args.classifier_width)
+    opt = torch.optim.Adam(classifier.parameters(), lr=0.01)
+    x = torch.rand(args.classifier_batch_size, 3, 32, 32, generator=g) * 2 - 1
+    y = torch.randint(0, 10, (args.classifier_batch_size,), generator=g)
+
+    def classifier_step():
+        loss = F.cross_entropy(classifier(metrics.augment(x, g)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    cpu = torch.device("cpu")
+    return {"evaluation: Inception features (299 px)": timed(features, args, cpu, args.fid_batch_size, args.eval_steps),
+            f"evaluation: WRN-{args.classifier_depth}-{args.classifier_width} train step":
+                timed(classifier_step, args, cpu, args.classifier_batch_size, args.eval_steps)}
 
 
 def lora_rows(args, unet_factory, scheduler, device, autocast, label, targets_fn, variants):
@@ -265,6 +308,8 @@ def main():
 
     rows["VAE encode"] = timed(encode, args, device)
     rows["VAE decode"] = timed(decode, args, device)
+    if args.eval_rows:
+        rows.update(evaluation_rows(args))
 
     def sps(name):
         return rows[name]["samples_per_s"]

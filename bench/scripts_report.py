@@ -4,7 +4,8 @@
     python bench/scripts_report.py runs/bench_scripts_sd15 --markdown docs/benchmarks.md
 
 Reads <dir>/mask.timings.json, <dir>/train_{nodp,dp,nodp_compile,dp_compile}/run_status.json,
-<dir>/synthetic/timings.json and <dir>/bench_step.json (written by bench/bench_scripts.sh) and appends a table:
+<dir>/synthetic/timings.json, <dir>/eval/timings.json and <dir>/bench_step.json (written by
+bench/bench_scripts.sh) and appends a table:
 each script stage, the benchmark row it should match, and their ratio, measured in the same session.
 """
 
@@ -49,6 +50,14 @@ def rows(folder: str) -> tuple[list[tuple], dict, dict]:
     out.append(("sample.py (images/s x steps = guided UNet samples/s)",
                 round(sampling["steady_images_per_s"] * steps, 1), "sampling: UNet step with guidance",
                 b.get("sampling: UNet step with guidance")))
+    evaluation = os.path.join(folder, "eval", "timings.json")
+    if os.path.isfile(evaluation):  # evaluate.py on the CPU: Inception features, then the downstream classifier
+        ev = load(evaluation)
+        out.append(("evaluate.py Inception features (images/s)", ev.get("inception_images_per_s"),
+                    "evaluation: Inception features (299 px)", b.get("evaluation: Inception features (299 px)")))
+        wrn = next((k for k in b if k.startswith("evaluation: WRN")), None)
+        out.append(("evaluate.py WRN training (samples/s, incl. per-epoch validation)",
+                    ev.get("classifier_wrn_samples_per_s"), wrn, b.get(wrn)))
     return out, train, {"selection": select, "sampling": sampling, "bench": bench, "n": n, "best_sel": best_sel, "b": b}
 
 

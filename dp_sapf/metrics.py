@@ -235,7 +235,7 @@ def images_to_tensor(images, resolution: int = 32) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
     """Random 4-px-padded crops and (unless flip is False) horizontal flips."""
     n, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
@@ -282,7 +282,7 @@ def train_classifier(x_train, y_train, x_val, y_val, *, arch: str, num_classes: 
             idx = order[i:i + batch_size]
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
-            loss = F.cross_entropy(model(_augment(x_train[idx], generator, flip)), y_train[idx])
+            loss = F.cross_entropy(model(augment(x_train[idx], generator, flip)), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -136,6 +136,9 @@ def test_evaluate_end_to_end(fashion_data_dir, tmp_path):
     assert result["model_selection"] == "synthetic held-out"
     assert os.path.isfile(os.path.join(out, "metrics.md")) and os.path.isfile(os.path.join(out, "metrics.png"))
     assert any(name.startswith("inception-") for name in os.listdir(os.path.join(out, "cache")))  # real set cached
+    timings = json.load(open(os.path.join(out, "timings.json")))  # beside the metrics, for bench/scripts_report.py
+    assert timings["inception_images_per_s"] > 0 and timings["classifier_wrn_samples_per_s"] > 0
+    assert "timings" not in result and "inception_synthetic_s" in timings
     # FID against a fixed half of the real set: no longer the synthetic set itself
     res = run_script("evaluate.py", eval_args(fashion_data_dir, synthetic, out, "--skip_accuracy", "--fid_max_real", "20"))
     assert res.returncode == 0, res.stderr[-3000:]
