@@ -135,6 +135,8 @@ def main(argv=None):
         print(f"Wrote {sum(counts)} images to {args.output_dir} (preview.png, metadata.jsonl)")
         if mine:
             summary = timings.summary(unit="batch", items="images")
+            # denoiser evaluations per image: PNDM's PLMS makes one more than num_inference_steps
+            summary["denoiser_calls_per_image"] = len(pipe.scheduler.timesteps)
             run_folder.write_json(args.output_dir, "timings.json", {**summary, "batch_size": args.batch_size,
                                                                     "num_inference_steps": args.num_inference_steps,
                                                                     "processes": accelerator.num_processes})

@@ -42,14 +42,15 @@ def rows(folder: str) -> tuple[list[tuple], dict, dict]:
         if variant in train:
             out.append((f"train_dp_sapf.py {variant} (samples/s, steady)", train[variant]["steady_samples_per_s"], row,
                         b.get(row)))
-    if "dp" in train:
-        out.append(("latent encoding in the script (images/s)", round(n / train["dp"]["encode_latents_s"], 1),
-                    "VAE encode", b.get("VAE encode")))
+    if "dp" in train:  # steady images/s after the first batch (older records: the whole stage)
+        encode = train["dp"].get("encode_images_per_s") or round(n / train["dp"]["encode_latents_s"], 1)
+        out.append(("latent encoding in train_dp_sapf.py (images/s)", encode, "VAE encode", b.get("VAE encode")))
     steps = sampling.get("num_inference_steps", 1)
-    # a sampling batch is `steps` UNet calls on a doubled (guided) batch plus one VAE decode per image
-    out.append(("sample.py (images/s x steps = guided UNet samples/s)",
-                round(sampling["steady_images_per_s"] * steps, 1), "sampling: UNet step with guidance",
-                b.get("sampling: UNet step with guidance")))
+    calls = sampling.get("denoiser_calls_per_image", steps)  # PNDM (SD's default) makes steps + 1
+    # an image costs `calls` guided UNet evaluations plus one VAE decode: the bench's images/s from its two rows
+    unet, decode = b.get("sampling: UNet step with guidance"), b.get("VAE decode")
+    out.append((f"sample.py (images/s, {steps} steps)", sampling["steady_images_per_s"],
+                f"{calls} x UNet step with guidance + VAE decode", unet and decode and 1 / (calls / unet + 1 / decode)))
     evaluation = os.path.join(folder, "eval", "timings.json")
     if os.path.isfile(evaluation):  # evaluate.py on the CPU: Inception features, then the downstream classifier
         ev = load(evaluation)

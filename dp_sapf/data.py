@@ -305,10 +305,11 @@ class LatentCache:
 @torch.no_grad()
 def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip: bool, batch_size: int = 64,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                   show_progress: bool = True) -> LatentCache:
+                   show_progress: bool = True, throughput=None) -> LatentCache:
     """Encode every image once (and its mirror image with --random_flip) into the VAE posterior.
 
     The next batch is decoded and resized (PIL, on a worker thread) while the VAE encodes the current one.
+    throughput: a `timing.Timings` that gets one unit per batch (images/s after its warm-up batches).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -324,6 +325,8 @@ def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip:
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(pixels_of, starts[0]) if starts else None
+        if throughput is not None:
+            throughput.start_units()
         for k in tqdm(range(len(starts)), desc="Encoding latents", disable=not show_progress):
             pixels = pending.result()
             pending = pool.submit(pixels_of, starts[k + 1]) if k + 1 < len(starts) else None
@@ -332,6 +335,8 @@ def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip:
             dist = vae.encode(batch.to(device, dtype)).latent_dist
             means.append(dist.mean.float().cpu().unflatten(0, (views, -1)).transpose(0, 1))
             stds.append(dist.std.float().cpu().unflatten(0, (views, -1)).transpose(0, 1))
+            if throughput is not None:
+                throughput.unit_done(len(pixels))  # .cpu() above waited for the batch
     return LatentCache(torch.cat(means), torch.cat(stds), torch.as_tensor(images.labels),
                        torch.tensor(keys, dtype=torch.int64), float(vae.config.scaling_factor),
                        float(getattr(vae.config, "shift_factor", None) or 0.0))

@@ -276,6 +276,7 @@ def train_classifier(x_train, y_train, x_val, y_val, *, arch: str, num_classes: 
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     best, best_state, history = -1.0, None, []
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch"):
+        started = time.perf_counter()
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
         for i in range(0, len(order), batch_size):
@@ -288,7 +289,7 @@ def train_classifier(x_train, y_train, x_val, y_val, *, arch: str, num_classes: 
             opt.step()
             schedule.step()
         val = accuracy(model, x_val, y_val) if len(x_val) else float("nan")
-        history.append({"epoch": epoch + 1, "val_accuracy": val})
+        history.append({"epoch": epoch + 1, "val_accuracy": val, "seconds": time.perf_counter() - started})
         if best_state is None or val > best:
             best, best_state = val, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)

@@ -33,6 +33,7 @@ class Timings:
         self.device, self.warmup_units = device, warmup_units
         self.stages: dict[str, float] = {}
         self.units: list[tuple[float, int]] = []  # (seconds, items) per unit of work (a step, a batch)
+        self.figures: dict[str, float | None] = {}  # other measured figures, reported as they are
         self._last = None
 
     @contextlib.contextmanager
@@ -67,6 +68,7 @@ class Timings:
                 f"steady_{unit}s_timed": len(steady),
                 f"steady_s_per_{unit}": round(seconds / len(steady), 4),
             })
+        out.update(self.figures)
         out["peak_memory_gib"] = round(peak_memory_gib(self.device), 3)
         out["device"] = torch.cuda.get_device_name(self.device) if torch.device(self.device).type == "cuda" else "cpu"
         return out

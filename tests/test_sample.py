@@ -43,6 +43,8 @@ def test_counts_labels_and_resume(tiny_pipeline_dir, lora_run, tmp_path):
     assert len(rows) == 30
     assert all(classes[r["label"]] == r["class_name"] == r["file_name"].split("/")[0] for r in rows)
     assert os.path.isfile(os.path.join(out, "preview.png"))
+    timings = json.load(open(os.path.join(out, "timings.json")))  # read by bench/scripts_report.py
+    assert timings["steady_images_per_s"] > 0 and timings["denoiser_calls_per_image"] >= timings["num_inference_steps"]
 
     # a killed run: some images missing; a rerun fills exactly the gaps, with the same pixels as before
     victim = os.path.join(out, classes[2], "00001.png")

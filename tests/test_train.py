@@ -22,6 +22,8 @@ def mask_path(tiny_pipeline_dir, fashion_data_dir, tmp_path_factory):
         "--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", fashion_data_dir, "--resolution",
         "32", "--class_prompts", "fashion_mnist", "--output", out, "--dp_seed", "0"])
     assert res.returncode == 0, res.stderr[-3000:]
+    timings = json.load(open(out.replace(".json", ".timings.json")))  # beside the mask, read by the bench
+    assert timings["saliency_images_per_s"] > 0 and timings["encode_images_per_s"] > 0
     return out
 
 
@@ -39,7 +41,8 @@ def test_end_to_end_outputs_and_reload(tiny_pipeline_dir, fashion_data_dir, mask
     assert report["epsilon"] <= 8 and report["steps"] == 4 and report["dataset_size"] == 40
     assert report["sample_rate"] == pytest.approx(8 / 40) and report["delta"] == pytest.approx(1 / 40)
     assert report["budget_split"]["epsilon_selection_only"] > 0
-    assert json.load(open(os.path.join(out, "run_status.json")))["status"] == "complete"
+    status = json.load(open(os.path.join(out, "run_status.json")))
+    assert status["status"] == "complete" and status["timings"]["encode_images_per_s"] > 0  # read by the bench
     card = open(os.path.join(out, "README.md")).read()
     assert "differential-privacy" in card and "dp-sapf" in card and "epsilon:" in card and "load_lora_weights" in card
     mask = saliency.read_mask(mask_path)
@@ -263,3 +266,26 @@ def test_a_mask_selected_without_noise_voids_the_guarantee(tiny_pipeline_dir, fa
     res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, str(tmp_path / "r2"),
                                                     "--saliency_mask", exact, "--target_epsilon", "8"))
     assert res.returncode == 2 and "selection alone" in res.stderr
+
+
+def test_accelerate_launch_on_one_cpu_thread_is_said(monkeypatch, capsys):
+    """`accelerate launch` gives a CPU process OMP_NUM_THREADS=1 unless told otherwise: the scripts say so."""
+    from types import SimpleNamespace
+
+    from dp_sapf import distributed
+
+    cpu_process = SimpleNamespace(device=torch.device("cpu"), num_processes=1, is_main_process=True)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        torch.set_num_threads(1)
+        distributed.warn_if_cpu_threads_idle(cpu_process)
+        assert "uses 1 of 2 cores" in capsys.readouterr().err
+        distributed.warn_if_cpu_threads_idle(SimpleNamespace(**{**vars(cpu_process), "num_processes": 2}))
+        monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")  # a plain `python script.py`: torch's own default
+        distributed.warn_if_cpu_threads_idle(cpu_process)
+        assert capsys.readouterr().err == ""
+    finally:
+        torch.set_num_threads(threads)
