@@ -141,7 +141,19 @@ def stage_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def write(results_dir: str, path: str, quick: bool = False) -> str:
+def pe_line(records: list[dict]) -> list[str]:
+    """PE's own settings, as its first record has them (it trains nothing: B, T and lr do not apply)."""
+    pe = next((r["settings"] for r in records if r["method"] == "pe"), None)
+    if pe is None:
+        return []
+    return [f"- PE (no training): a population of {pe['num_synthetic']} images, {pe['pe_iterations']} iterations of "
+            f"noisy nearest-neighbour votes on {pe.get('pe_embedding', 'inception')} embeddings, img2img strength "
+            f"{pe['pe_strength_start']} → {pe['pe_strength_end']}, count threshold "
+            f"{pe.get('pe_count_threshold') or 'private_evolution.py default (2σ)'}; the same sampler settings."]
+
+
+def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | None = None) -> str:
+    """how_chosen: today's account of how the settings were chosen (default: the one the records carry)."""
     records = load(results_dir)
     if not records:
         raise SystemExit(f"error: no results in {results_dir}: run `experiments/compare.py run` first.")
@@ -178,7 +190,8 @@ def write(results_dir: str, path: str, quick: bool = False) -> str:
         "selected on a synthetic held-out split, tested on the real test split.",
         f"- Device: {', '.join(devices)}. Versions: "
         + (", ".join(f"{k} {v}" for k, v in records[0].get("versions", {}).items()) or "not recorded") + ".",
-        f"- How the settings were chosen: {settings.get('how_chosen', 'not recorded')}",
+        *pe_line(records),
+        f"- How the settings were chosen: {how_chosen or settings.get('how_chosen', 'not recorded')}",
         "",
         *main_table(records, rho),
         "",

@@ -28,6 +28,7 @@ def test_quick_comparison_runs_reports_and_resumes(tiny_pipeline_dir, tmp_path):
     assert "real_reference_accuracy_wrn" in base["metrics"] and "real_reference_accuracy_wrn" not in sapf["metrics"]
     assert "reference (same classifier trained on the real train set): accuracy_wrn 0." in report  # computed once
     assert "DP-SAPF" in report and "DP-LoRA" in report and "PE (Private Evolution" in report and os.path.isfile(tmp_path / "results_privacy_utility.png")
+    assert "- PE (no training): a population of" in report and "img2img strength" in report
     # every run's folder says complete: a second call does nothing but the report, also on a fresh machine
     # where only the (committed) records are left
     shutil.rmtree(tmp_path / "work")
