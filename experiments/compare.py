@@ -458,7 +458,8 @@ def main(argv=None):
         run_all(args)
     from experiments import results_report
 
-    results_report.write(args.results_dir, args.results_md, quick=args.quick, how_chosen=HOW_CHOSEN[args.scale])
+    results_report.write(args.results_dir, args.results_md, quick=args.quick, how_chosen=HOW_CHOSEN[args.scale],
+                         planned=[run["name"] for run in plan(args)])
 
 
 if __name__ == "__main__":

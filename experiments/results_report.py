@@ -141,6 +141,16 @@ def stage_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def pending_line(records: list[dict], planned: list[str] | None) -> list[str]:
+    """The runs of the plan without a record yet: a page written while the comparison runs says it is partial."""
+    done = {r["name"] for r in records}
+    missing = [name for name in planned or [] if name not in done]
+    if not missing:
+        return []
+    return [f"**Partial: {len(planned) - len(missing)} of {len(planned)} runs have a record.** Still to come: "
+            + ", ".join(f"`{name}`" for name in missing) + ".", ""]
+
+
 def pe_line(records: list[dict]) -> list[str]:
     """PE's own settings, as its first record has them (it trains nothing: B, T and lr do not apply)."""
     pe = next((r["settings"] for r in records if r["method"] == "pe"), None)
@@ -152,8 +162,10 @@ def pe_line(records: list[dict]) -> list[str]:
             f"{pe.get('pe_count_threshold') or 'private_evolution.py default (2σ)'}; the same sampler settings."]
 
 
-def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | None = None) -> str:
-    """how_chosen: today's account of how the settings were chosen (default: the one the records carry)."""
+def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | None = None,
+          planned: list[str] | None = None) -> str:
+    """how_chosen: today's account of how the settings were chosen (default: the one the records carry);
+    planned: the names of every run of the plan, so that a page written mid-way says which are still to come."""
     records = load(results_dir)
     if not records:
         raise SystemExit(f"error: no results in {results_dir}: run `experiments/compare.py run` first.")
@@ -195,6 +207,7 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         "",
         *main_table(records, rho),
         "",
+        *pending_line(records, planned),
         "Real → real reference (same classifier trained on the real train set): "
         + (", ".join(f"{k.removeprefix('real_reference_')} {v:.3f}" for k, v in reference.items()) or "–") + ".",
         "",
