@@ -7,6 +7,7 @@
 #              accuracy the untouched images give (same classifier, epochs); + reconstruction PSNR of 100 test images
 #   lora_mask  non-private LoRA on the exact 30 % mask (sigma_s = 0), <= 30 min of training: WRN accuracy >= 0.70
 #   lora_all   the same on all attention
+#   lora_mask_full_cpu  lora_mask with both cores (nothing else running): 4,000 steps in ~30 min
 #   digits     5,000 digit samples train a WRN to >= 0.90 on the MNIST-5k test split
 #   zero_shot  5,000 samples of the ten Fashion-MNIST prompts, no fine-tuning (no bar)
 # Hyperparameters are fixed here before any test result was seen; the classifier is evaluate.py's WRN-10-1.
@@ -17,7 +18,7 @@ PY=${PYTHON:-python3}
 MODEL=${1:-models/tiny-sd-public}
 WORK=${2:-${DP_SAPF_CACHE:-$HOME/.cache/dp-sapf}/public_bars}
 OUT=results/public_model
-BARS=${BARS:-lora_mask lora_all digits zero_shot vae}  # the order they run in: the attention bars first
+BARS=${BARS:-lora_mask lora_all digits zero_shot vae lora_mask_full_cpu}  # the order they run in
 STEPS=${STEPS:-2400}         # LoRA steps of B = 64: ~25 min at 1.85 steps/s (1 thread), inside the 30-min bar (the record has the wall time)
 mkdir -p "$WORK" "$OUT"
 CLS=(--classifier_depth 10 --classifier_width 1 --epochs 10 --skip_fid)
@@ -52,10 +53,11 @@ bar_vae() {
   record vae "$WORK/vae_eval/metrics.json" "$(cat "$WORK/vae_roundtrip/psnr.json")"
 }
 
-bar_lora() {  # bar_lora mask|all
-  local target=$1
-  [ -f "$OUT/lora_$target.json" ] && return
-  local D="$WORK/lora_$target" MASK=()
+bar_lora() {  # bar_lora mask|all [STEPS THREADS NAME]: THREADS sets OMP_NUM_THREADS for the three scripts
+  local target=$1 steps=${2:-$STEPS} name=${4:-lora_$1}
+  local run=(env ${3:+OMP_NUM_THREADS=$3 MKL_NUM_THREADS=$3} $PY)
+  [ -f "$OUT/$name.json" ] && return
+  local D="$WORK/$name" MASK=()
   mkdir -p "$D"
   if [ "$target" = mask ]; then
     # the exact scores (σ_s = 0: not private, like every run of this bar) of 500 train images per class
@@ -69,22 +71,24 @@ bar_lora() {  # bar_lora mask|all
     MASK=(--lora_target all_attention)
   fi
   [ "$(cat "$D/model/run_status.json" 2>/dev/null | grep -c complete)" = 1 ] || timed "$D/train_s" \
-    $PY train_dp_sapf.py --pretrained_model_name_or_path "$MODEL" "${FASHION[@]}" --resolution 32 "${MASK[@]}" --no_dp \
-    --train_batch_size 64 --max_physical_batch_size 64 --max_train_steps "$STEPS" --learning_rate 5e-3 --rank 8 \
+    "${run[@]}" train_dp_sapf.py --pretrained_model_name_or_path "$MODEL" "${FASHION[@]}" --resolution 32 "${MASK[@]}" \
+    --no_dp --train_batch_size 64 --max_physical_batch_size 64 --max_train_steps "$steps" --learning_rate 5e-3 --rank 8 \
     --checkpointing_steps 200 --resume_from_checkpoint latest --validation_inference_steps 25 --report_to none \
     --output_dir "$D/model"
-  [ -f "$D/synthetic/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$D/model" \
-    "${SAMPLE[@]}" --output_dir "$D/synthetic"
-  [ -f "$D/eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$D/synthetic" "${FASHION[@]}" "${CLS[@]}" \
+  [ -f "$D/synthetic/metadata.jsonl" ] || "${run[@]}" sample.py --pretrained_model_name_or_path "$MODEL" \
+    --lora_path "$D/model" "${SAMPLE[@]}" --output_dir "$D/synthetic"
+  [ -f "$D/eval/metrics.json" ] || "${run[@]}" evaluate.py --synthetic_dir "$D/synthetic" "${FASHION[@]}" "${CLS[@]}" \
     --skip_real_reference --output_dir "$D/eval"
-  record "lora_$target" "$D/eval/metrics.json" \
-    "{\"train_wall_s\": $(cat "$D/train_s" 2>/dev/null || echo null), \"steps\": $STEPS, \"batch\": 64, \"rank\": 8, \"lr\": 5e-3}"
+  record "$name" "$D/eval/metrics.json" "{\"train_wall_s\": $(cat "$D/train_s" 2>/dev/null || echo null), \"steps\": \
+$steps, \"batch\": 64, \"rank\": 8, \"lr\": 5e-3, \"threads\": ${3:-null}}"
 }
 bar_lora_mask() { bar_lora mask; }
 bar_lora_all() { bar_lora all; }
+bar_lora_mask_full_cpu() { bar_lora mask 4000 2 lora_mask_full_cpu; }  # both cores: 4,000 steps in ~30 min
 
 bar_digits() {
-  [ -f "$OUT/digits.json" ] && return  [ -f "$WORK/digits/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts mnist \
+  [ -f "$OUT/digits.json" ] && return
+  [ -f "$WORK/digits/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts mnist \
     "${SAMPLE[@]}" --output_dir "$WORK/digits"
   [ -f "$WORK/digits_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/digits" \
     --train_data_dir "$WORK/mnist5k" --class_prompts mnist "${CLS[@]}" --no_classifier_flip --output_dir "$WORK/digits_eval"
@@ -92,7 +96,8 @@ bar_digits() {
 }
 
 bar_zero_shot() {
-  [ -f "$OUT/zero_shot.json" ] && return  [ -f "$WORK/zero_shot/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" \
+  [ -f "$OUT/zero_shot.json" ] && return
+  [ -f "$WORK/zero_shot/metadata.jsonl" ] || $PY sample.py --pretrained_model_name_or_path "$MODEL" \
     --class_prompts fashion_mnist "${SAMPLE[@]}" --output_dir "$WORK/zero_shot"
   [ -f "$WORK/zero_shot_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/zero_shot" "${FASHION[@]}" \
     "${CLS[@]}" --skip_real_reference --output_dir "$WORK/zero_shot_eval"
