@@ -8,6 +8,7 @@
 #   lora_mask  non-private LoRA on the exact 30 % mask (sigma_s = 0), <= 30 min of training: WRN accuracy >= 0.70
 #   lora_all   the same on all attention
 #   lora_mask_full_cpu  lora_mask with both cores (nothing else running): 4,000 steps in ~30 min
+#   real5k     the classifier's reference: 5,000 real train images in place of the 5,000 samples (no bar)
 #   digits     5,000 digit samples train a WRN to >= 0.90 on the MNIST-5k test split
 #   zero_shot  5,000 samples of the ten Fashion-MNIST prompts, no fine-tuning (no bar)
 # Hyperparameters are fixed here before any test result was seen; the classifier is evaluate.py's WRN-10-1.
@@ -18,7 +19,7 @@ PY=${PYTHON:-python3}
 MODEL=${1:-models/tiny-sd-public}
 WORK=${2:-${DP_SAPF_CACHE:-$HOME/.cache/dp-sapf}/public_bars}
 OUT=results/public_model
-BARS=${BARS:-lora_mask lora_all digits zero_shot vae lora_mask_full_cpu}  # the order they run in
+BARS=${BARS:-lora_mask lora_all digits zero_shot vae lora_mask_full_cpu real5k}  # the order they run in
 STEPS=${STEPS:-2400}         # LoRA steps of B = 64: ~25 min at 1.85 steps/s (1 thread), inside the 30-min bar (the record has the wall time)
 mkdir -p "$WORK" "$OUT"
 CLS=(--classifier_depth 10 --classifier_width 1 --epochs 10 --skip_fid)
@@ -84,6 +85,14 @@ $steps, \"batch\": 64, \"rank\": 8, \"lr\": 5e-3, \"threads\": ${3:-null}}"
 }
 bar_lora_mask() { bar_lora mask; }
 bar_lora_all() { bar_lora all; }
+bar_real5k() {  # reference, no bar: the same classifier on 5,000 REAL train images (500 per class) in place of samples
+  [ -f "$OUT/real5k.json" ] && return
+  [ -f "$WORK/fashion5k/dataset_info.json" ] || $PY -m dp_sapf.prepare_data --name fashion_mnist --max_per_class 500 \
+    --test_max_per_class 1 --output_dir "$WORK/fashion5k"
+  [ -f "$WORK/real5k_eval/metrics.json" ] || $PY evaluate.py --synthetic_dir "$WORK/fashion5k/train" "${FASHION[@]}" \
+    "${CLS[@]}" --skip_real_reference --output_dir "$WORK/real5k_eval"
+  record real5k "$WORK/real5k_eval/metrics.json" "{}"
+}
 bar_lora_mask_full_cpu() { bar_lora mask 4000 2 lora_mask_full_cpu; }  # both cores: 4,000 steps in ~30 min
 
 bar_digits() {
