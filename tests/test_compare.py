@@ -57,6 +57,21 @@ def test_the_selection_variants_spend_the_same_total_epsilon():
     assert compare.selection_budget(runs["snip_selection_eps1_seed0"], args) == []
 
 
+def test_the_plan_runs_the_most_informative_rows_first():
+    """A partial table compares every method: seed 0 at the largest ε first, then the other ε, the ρ sweep, and the
+    extra seeds last."""
+    from experiments import compare
+
+    names = [r["name"] for r in compare.plan(compare.parse_args(["plan", "--scale", "cpu"]))]
+    assert names[:4] == ["no_finetune_seed0", "nonprivate_lora_seed0", "dp_sapf_eps10_seed0", "dp_lora_eps10_seed0"]
+    first_eps1 = names.index("dp_sapf_eps1_seed0")
+    assert all("eps10_seed0" in n for n in names[2:first_eps1]) and "pe_eps10_seed0" in names[:first_eps1]
+    first_sweep, first_extra = names.index("dp_sapf_rho0.1_eps10_seed0"), names.index("dp_sapf_eps10_seed1")
+    assert all(n.endswith("eps1_seed0") for n in names[first_eps1:first_sweep])
+    assert first_sweep < first_extra and all(not n.endswith("seed0") for n in names[first_extra:])
+    assert len(names) == len(set(names)) == 36
+
+
 def test_one_selection_release_serves_every_run_that_can_share_it():
     """The Gaussian selection (σ_s fixed) of a seed serves both ε and the w/o-LoRA run; the exponential and PTR
     selections spend a share of each run's ε, and other seeds, scorers or ρ are other releases."""
