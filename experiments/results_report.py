@@ -162,10 +162,14 @@ def pe_line(records: list[dict]) -> list[str]:
             f"{pe.get('pe_count_threshold') or 'private_evolution.py default (2σ)'}; the same sampler settings."]
 
 
+NOTES_FILE = "NOTES.md"  # <results_dir>/NOTES.md: the reading of the table, included as it is
+
+
 def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | None = None,
           planned: list[str] | None = None) -> str:
     """how_chosen: today's account of how the settings were chosen (default: the one the records carry);
-    planned: the names of every run of the plan, so that a page written mid-way says which are still to come."""
+    planned: the names of every run of the plan, so that a page written mid-way says which are still to come.
+    A <results_dir>/NOTES.md (how to read the numbers, diagnostics with their commands) goes in under the table."""
     records = load(results_dir)
     if not records:
         raise SystemExit(f"error: no results in {results_dir}: run `experiments/compare.py run` first.")
@@ -214,6 +218,9 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         f"![privacy-utility]({os.path.basename(figure)})",
         "",
     ]
+    notes = os.path.join(results_dir, NOTES_FILE)
+    if os.path.isfile(notes):  # hand-written, each number beside the command that produced it; kept with the records
+        lines += ["## Reading the table", "", open(notes).read().strip(), ""]
     sweep = rho_table(records)
     if sweep:
         lines += ["## ρ sweep (DP-SAPF at the largest ε): which matrices are selected", "", *sweep, ""]

@@ -32,8 +32,10 @@ def test_quick_comparison_runs_reports_and_resumes(tiny_pipeline_dir, tmp_path):
     # every run's folder says complete: a second call does nothing but the report, also on a fresh machine
     # where only the (committed) records are left
     shutil.rmtree(tmp_path / "work")
+    (tmp_path / "results" / "NOTES.md").write_text("The DP rows sit near the public model: see the probe below.\n")
     res = run_script("experiments/compare.py", args, timeout=600)
     assert res.returncode == 0 and "4 runs, 4 complete, 0 to do" in res.stdout
+    assert "## Reading the table\n\nThe DP rows sit near the public model" in open(tmp_path / "results.md").read()
 
 
 def test_results_name_matrices_the_same_way_for_every_block():
