@@ -37,8 +37,9 @@ and the fine-tuning-free baseline:
 
 at each ε of --epsilons; dp_sapf and dp_lora with every seed of --seeds, the others with the first; plus a ρ sweep
 of dp_sapf at the largest ε. Runs go most informative first, so that a partial table already compares every
-method: seed 0 at the largest ε, then at the others, then the ρ sweep, then the extra seeds. Hyperparameters are the same for all DP methods (B, T, C, lr; see `settings`) and
-were chosen without looking at Fashion-MNIST test results (docs/results.md says how).
+method: seed 0 at the largest ε, then at the others, then the ρ sweep, then the extra seeds. Hyperparameters are
+the same for all DP methods (B, T, C, lr; see `settings`) and were chosen without looking at Fashion-MNIST test
+results (docs/results.md says how).
 
 Selections are shared where the release is the same (<work_dir>/masks/): a seed's Gaussian selection (σ_s does not
 depend on ε) serves dp_sapf and wo_lora at every ε, and the ρ sweep, layer_selection and debiased_selection re-rank
@@ -192,7 +193,7 @@ def plan(args) -> list[dict]:
     sweep = lambda run: run["rho"] not in (None, args.select_ratio)
     runs.sort(key=lambda run: (extra_seed(run), sweep(run), run["epsilon"] not in (None, top)))  # stable: method order kept
     for run in runs:
-        parts = [run["method"]] + ([f"rho{run['rho']:g}"] if run["rho"] not in (None, args.select_ratio) else []) + \
+        parts = [run["method"]] + ([f"rho{run['rho']:g}"] if sweep(run) else []) + \
                 ([f"eps{run['epsilon']:g}"] if run["epsilon"] is not None else []) + [f"seed{run['seed']}"]
         run["name"] = "_".join(parts)
     return runs
