@@ -122,7 +122,13 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=COUNT, default=4096, help="Expected logical batch B (paper 4096).")
     p.add_argument("--max_physical_batch_size", type=COUNT, default=1024, help="Micro-batch size (memory only).")
     p.add_argument("--max_train_steps", type=COUNT, default=1000, help="DP-SGD steps T (paper 1000).")
-    p.add_argument("--learning_rate", type=POSITIVE, default=5e-3, help="AdamW learning rate of every trained method.")
+    p.add_argument("--learning_rate", type=POSITIVE, default=5e-3,
+                   help="AdamW learning rate of every method that trains LoRA factors or selected matrices.")
+    p.add_argument("--finetune_learning_rate", type=POSITIVE, default=1e-4,
+                   help="AdamW learning rate of dp_finetune, which updates every UNet weight (convolutions, norms, "
+                        "embeddings too): the LoRA rate does not carry over (at 2e-2 the loss jumps from 0.04 to 2.8 "
+                        "within three steps on MNIST-5k). Paper-scale default 1e-4, diffusers' full fine-tuning rate; "
+                        "the cpu preset's was chosen on MNIST-5k (experiments/tune_compare.sh).")
     p.add_argument("--rank", type=COUNT, default=4, help="LoRA rank.")
     p.add_argument("--num_synthetic", type=COUNT, default=10000, help="Synthetic images per run (balanced over classes).")
     p.add_argument("--sampling_steps", type=COUNT, default=25, help="Denoising steps of sample.py.")
@@ -264,7 +270,7 @@ def execute(run: dict, args) -> dict:
         wall["train"] = call(script(
             "train_dp_sapf.py", *common, *uses_mask, *TRAINING[method], *privacy,
             "--train_batch_size", args.train_batch_size, "--max_physical_batch_size", args.max_physical_batch_size,
-            "--max_train_steps", steps, "--learning_rate", args.learning_rate, "--rank", args.rank,
+            "--max_train_steps", steps, "--learning_rate", learning_rate(method, args), "--rank", args.rank,
             "--checkpointing_steps", max(1, steps // 5), "--checkpoints_total_limit", 1,
             "--resume_from_checkpoint", "latest", "--validation_inference_steps", args.sampling_steps,
             "--report_to", "none", "--output_dir", model_dir,
@@ -292,6 +298,12 @@ def execute(run: dict, args) -> dict:
             "--seed", run["seed"], "--cache_dir", os.path.join(args.work_dir, "fid_cache"),
             "--output_dir", os.path.join(folder, "eval")), log)
     return record(run, folder, wall, args)
+
+
+def learning_rate(method: str, args) -> float:
+    """dp_finetune moves every UNet weight by about the learning rate per Adam step; the others move LoRA factors
+    or a few attention matrices: one rate cannot serve both (docs/results.md)."""
+    return args.finetune_learning_rate if method == "dp_finetune" else args.learning_rate
 
 
 def selection_key(run: dict) -> str:
@@ -389,7 +401,8 @@ HOW_CHOSEN = {
 
 
 def settings(args) -> dict:
-    out = {k: getattr(args, k) for k in ("train_batch_size", "max_train_steps", "learning_rate", "rank",
+    out = {k: getattr(args, k) for k in ("train_batch_size", "max_train_steps", "learning_rate",
+                                          "finetune_learning_rate", "rank",
                                           "num_synthetic", "sampling_steps", "guidance_scale", "classifier",
                                           "classifier_epochs", "classifier_depth", "classifier_width",
                                           "max_per_class", "fid_max_real", "mixed_precision", "quick",

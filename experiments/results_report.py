@@ -162,6 +162,13 @@ def pe_line(records: list[dict]) -> list[str]:
             f"{pe.get('pe_count_threshold') or 'private_evolution.py default (2σ)'}; the same sampler settings."]
 
 
+def finetune_rate(records: list[dict]) -> str:
+    """DP-Finetune's own learning rate (every UNet weight moves; the LoRA rate diverges there), when it ran."""
+    rates = sorted({r["settings"].get("finetune_learning_rate", r["settings"]["learning_rate"])
+                    for r in records if r["method"] == "dp_finetune"})
+    return f" (DP-Finetune, which updates every UNet weight: {', '.join(map(str, rates))})" if rates else ""
+
+
 NOTES_FILE = "NOTES.md"  # <results_dir>/NOTES.md: the reading of the table, included as it is
 
 
@@ -196,7 +203,8 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         f"- Public model: `{settings['public_model']}` (pretrained on public data only). Sensitive set: {dataset} "
         f"train ({records[0]['num_real_train']} images), its test split for accuracy. δ = 1/N.",
         f"- Every DP method: B = {settings['train_batch_size']}, T = {settings['max_train_steps']}, C = 1, AdamW "
-        f"lr {settings['learning_rate']}, LoRA rank {settings['rank']}, σ calibrated to the target ε with the "
+        f"lr {settings['learning_rate']}{finetune_rate(records)}, LoRA rank {settings['rank']}, σ calibrated to the "
+        "target ε with the "
         "selection's cost composed in (Gaussian σ_s = 5; the exponential and PTR variants spend "
         f"{settings.get('selection_share', 0.1):.0%} of the ε on the selection; SynFlow and random masks nothing). "
         "The paper's scale is B = 4096, T = 1000.",

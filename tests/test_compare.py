@@ -93,3 +93,13 @@ def test_one_selection_release_serves_every_run_that_can_share_it():
                        "layer_selection_eps10_seed0", "debiased_selection_eps1_seed0", "debiased_selection_eps10_seed0"}
     passes = {key[n] for n in key if n not in derived} - {key["random_selection_eps10_seed0"], key["synflow_selection_eps10_seed0"]}
     assert len(passes) == 8  # over the data: dp_sapf × 3 seeds, snip, exponential × 2 ε, PTR × 2 ε
+
+
+def test_full_fine_tuning_has_its_own_learning_rate():
+    """DP-Finetune moves every UNet weight: the LoRA rate (2e-2 at the cpu scale) makes it diverge, so it has its own."""
+    from experiments import compare
+
+    args = compare.parse_args(["plan", "--scale", "cpu", "--finetune_learning_rate", "3e-4"])
+    assert compare.learning_rate("dp_finetune", args) == 3e-4
+    assert {compare.learning_rate(m, args) for m in compare.TRAINING if m != "dp_finetune"} == {args.learning_rate}
+    assert compare.settings(args)["finetune_learning_rate"] == 3e-4
