@@ -38,8 +38,9 @@ and the fine-tuning-free baseline:
 at each ε of --epsilons; dp_sapf and dp_lora with every seed of --seeds, the others with the first; plus a ρ sweep
 of dp_sapf at the largest ε. Runs go most informative first, so that a partial table already compares every
 method: seed 0 at the largest ε, then at the others, then the ρ sweep, then the extra seeds. Hyperparameters are
-the same for all DP methods (B, T, C, lr; see `settings`) and were chosen without looking at Fashion-MNIST test
-results (docs/results.md says how).
+the same for all DP methods (B, T, C, lr; see `settings`), except the learning rate of dp_finetune, which moves
+every UNet weight (--finetune_learning_rate), and were chosen without looking at Fashion-MNIST test results
+(docs/results.md says how).
 
 Selections are shared where the release is the same (<work_dir>/masks/): a seed's Gaussian selection (σ_s does not
 depend on ε) serves dp_sapf and wo_lora at every ε, and the ρ sweep, layer_selection and debiased_selection re-rank
