@@ -164,8 +164,7 @@ def pe_line(records: list[dict]) -> list[str]:
 
 def finetune_rate(records: list[dict]) -> str:
     """DP-Finetune's own learning rate (every UNet weight moves; the LoRA rate diverges there), when it ran."""
-    rates = sorted({r["settings"].get("finetune_learning_rate", r["settings"]["learning_rate"])
-                    for r in records if r["method"] == "dp_finetune"})
+    rates = sorted({r["settings"]["finetune_learning_rate"] for r in records if r["method"] == "dp_finetune"})
     return f" (DP-Finetune, which updates every UNet weight: {', '.join(map(str, rates))})" if rates else ""
 
 
