@@ -103,3 +103,8 @@ def test_full_fine_tuning_has_its_own_learning_rate():
     assert compare.learning_rate("dp_finetune", args) == 3e-4
     assert {compare.learning_rate(m, args) for m in compare.TRAINING if m != "dp_finetune"} == {args.learning_rate}
     assert compare.settings(args)["finetune_learning_rate"] == 3e-4
+    from experiments.results_report import finetune_rate
+
+    records = [{"method": "dp_finetune", "settings": compare.settings(args)}, {"method": "dp_sapf", "settings": {}}]
+    assert finetune_rate(records) == " (DP-Finetune, which updates every UNet weight: 0.0003)"
+    assert finetune_rate(records[1:]) == ""
