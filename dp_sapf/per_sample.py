@@ -214,11 +214,21 @@ class OpacusGradSamples:
         model.train()  # GradSampleModule needs train mode
         self.model = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         self.params = params
+        self._warnings = None
 
     def __enter__(self):
+        # opacus hooks the first layer with a full backward hook; its input needs no gradient, so torch warns at
+        # every step that grad_input is None. opacus reads only grad_output, so the warning says nothing here.
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                                  "respect to module outputs since no inputs require gradients")
         return self
 
     def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
         return None
 
     def pop(self, batch_size: int) -> dict[nn.Parameter, torch.Tensor]:
