@@ -68,6 +68,22 @@ def test_inception_preprocessing_is_the_tf_convention():
     assert not np.allclose(feats[0], feats[1])
 
 
+def test_onnxruntime_inception_gives_the_torchscript_features(fashion_data_dir):
+    """The CPU default (ONNX Runtime) and the TorchScript copy agree: FIDs of earlier runs stay comparable."""
+    folder = os.path.join(fashion_data_dir, "train")
+    paths = sorted(os.path.join(folder, c, f) for c in os.listdir(folder) for f in os.listdir(os.path.join(folder, c)))
+    images = [Image.open(p) for p in paths[:12]]
+    fast = metrics.load_inception(backend="onnxruntime")
+    assert isinstance(fast, metrics.OnnxInception) and isinstance(metrics.load_inception(), metrics.OnnxInception)
+    a = metrics.inception_features(images, fast, batch_size=5)
+    b = metrics.inception_features(images, metrics.load_inception(backend="torch"), batch_size=5)
+    assert a.shape == b.shape == (12, 2048)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    assert metrics.fid_from_features(a[:6], a[6:]) == pytest.approx(metrics.fid_from_features(b[:6], b[6:]), rel=1e-4)
+    with pytest.raises(ValueError, match="backend"):
+        metrics.load_inception(backend="tensorflow")
+
+
 def test_inception_features_resume_after_an_interruption(tmp_path):
     """Hours of real features survive a killed session: the partial file is picked up where it stopped."""
     images = [Image.new("RGB", (28, 28), (40 * i, 255 - 40 * i, 0)) for i in range(5)]
