@@ -175,11 +175,14 @@ def main(argv=None):
             if args.fid_max_real is not None and args.fid_max_real < len(split):
                 # one fixed subset (seed 0), whatever --seed: FIDs of different runs stay comparable
                 chosen = np.sort(np.random.default_rng(0).choice(len(split), args.fid_max_real, replace=False))
-            key = {"source": source, "config": args.dataset_config_name, "split": split_name, "n": len(split),
-                   **({"subset": len(chosen)} if len(chosen) < len(split) else {})}
-            feats = metrics.cached_features(key, lambda resume, s=split, c=chosen: metrics.inception_features(
-                (s.image(i) for i in c), model, args.fid_batch_size, desc=f"Inception (real {split_name})",
-                total=len(c), resume_path=resume), args.cache_dir)
+            whole = {"source": source, "config": args.dataset_config_name, "split": split_name, "n": len(split)}
+            key = {**whole, **({"subset": len(chosen)} if len(chosen) < len(split) else {})}
+            # the whole split's features, when cached (private_evolution.py caches them), hold the subset's rows
+            feats = metrics.load_cached_features(whole, args.cache_dir)
+            feats = feats[chosen] if feats is not None else metrics.cached_features(
+                key, lambda resume, s=split, c=chosen: metrics.inception_features(
+                    (s.image(i) for i in c), model, args.fid_batch_size, desc=f"Inception (real {split_name})",
+                    total=len(c), resume_path=resume), args.cache_dir)
             result[f"fid_{split_name}"] = metrics.fid_from_features(syn_feats, feats)
 
     if not args.skip_accuracy:

@@ -177,6 +177,16 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
+def _cache_path(key: dict, cache_dir: str) -> str:
+    return os.path.join(cache_dir, f"inception-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.npz")
+
+
+def load_cached_features(key: dict, cache_dir: str | None) -> np.ndarray | None:
+    """The cached features of `key`, or None when they are not (yet) complete in cache_dir."""
+    path = _cache_path(key, cache_dir) if cache_dir else ""
+    return np.load(path)["features"] if os.path.isfile(path) else None
+
+
 def cached_features(key: dict, compute, cache_dir: str | None) -> np.ndarray:
     """Features of a real set, cached on disk under a hash of what identifies it.
 
@@ -185,12 +195,12 @@ def cached_features(key: dict, compute, cache_dir: str | None) -> np.ndarray:
     """
     if not cache_dir:
         return compute(None)
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = os.path.join(cache_dir, f"inception-{name}.npz")
-    if os.path.isfile(path):
-        return np.load(path)["features"]
+    found = load_cached_features(key, cache_dir)
+    if found is not None:
+        return found
+    path = _cache_path(key, cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
-    partial = os.path.join(cache_dir, f"inception-{name}.partial.npz")
+    partial = path[:-len(".npz")] + ".partial.npz"
     features = compute(partial)
     from .atomic import replacing
 

@@ -155,10 +155,17 @@ def test_evaluate_end_to_end(fashion_data_dir, tmp_path):
     timings = json.load(open(os.path.join(out, "timings.json")))  # beside the metrics, for bench/scripts_report.py
     assert timings["inception_images_per_s"] > 0 and timings["classifier_wrn_samples_per_s"] > 0
     assert "timings" not in result and "inception_synthetic_s" in timings
-    # FID against a fixed half of the real set: no longer the synthetic set itself
+    # FID against a fixed half of the real set: no longer the synthetic set itself; its rows are taken from the
+    # whole split's cached features (no second Inception pass, no new cache file)
+    cached = set(os.listdir(os.path.join(out, "cache")))
     res = run_script("evaluate.py", eval_args(fashion_data_dir, synthetic, out, "--skip_accuracy", "--fid_max_real", "20"))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.load(open(os.path.join(out, "metrics.json")))["fid_train"] > 1.0
+    assert set(os.listdir(os.path.join(out, "cache"))) == cached
+    key = {"source": os.path.abspath(fashion_data_dir), "config": None, "split": "train", "n": 40}
+    whole = metrics.load_cached_features(key, os.path.join(out, "cache"))
+    half = whole[np.sort(np.random.default_rng(0).choice(40, 20, replace=False))]
+    fid = json.load(open(os.path.join(out, "metrics.json")))["fid_train"]
+    assert fid > 1.0 and fid == pytest.approx(metrics.fid_from_features(whole, half), rel=1e-6)
 
 
 def test_evaluate_bad_inputs(fashion_data_dir, tmp_path):
