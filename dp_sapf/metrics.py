@@ -178,7 +178,8 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _cache_path(key: dict, cache_dir: str) -> str:
-    return os.path.join(cache_dir, f"inception-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.npz")
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(cache_dir, f"inception-{name}.npz")
 
 
 def load_cached_features(key: dict, cache_dir: str | None) -> np.ndarray | None:
