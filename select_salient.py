@@ -166,7 +166,7 @@ def private_selection(args, parts, images, prompts, modules, accelerator, dp_see
     with timings.stage("encode_latents"):
         cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
                                     device=device, dtype=weight_dtype, show_progress=accelerator.is_main_process,
-                                    throughput=encoding)
+                                    throughput=encoding, cache_dir=args.latent_cache_dir)
     timings.figures["encode_images_per_s"] = encoding.summary(unit="batch", items="images").get("steady_images_per_s")
     prompt_embeds = modeling.encode_prompts(parts, prompts, device)
     # each image's diffusion draws come from the secret seed, keyed by the image itself (docs/design.md §1)

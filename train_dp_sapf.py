@@ -224,7 +224,8 @@ def main(argv=None):
     encoding = timing.Timings(device, warmup_units=1)  # steady images/s after the first batch, as the bench times it
     with timings.stage("encode_latents"):
         cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip, device=device,
-                                    dtype=weight_dtype, show_progress=accelerator.is_main_process, throughput=encoding)
+                                    dtype=weight_dtype, show_progress=accelerator.is_main_process, throughput=encoding,
+                                    cache_dir=args.latent_cache_dir)
     timings.figures["encode_images_per_s"] = encoding.summary(unit="batch", items="images").get("steady_images_per_s")
     prompt_embeds = modeling.encode_prompts(parts, prompts, device)
     if accelerator.is_main_process:

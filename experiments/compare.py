@@ -234,6 +234,7 @@ def execute(run: dict, args) -> dict:
     wall = {}
     common = ["--pretrained_model_name_or_path", args.public_model, "--train_data_dir", args.data_dir,
               "--resolution", 32, "--class_prompts", CLASS_PROMPTS[args.dataset], "--seed", run["seed"]]
+    encoded = ["--latent_cache_dir", os.path.join(args.work_dir, "latent_cache")]  # one VAE pass serves every run
     mask = os.path.join(folder, "mask.json")
     method = run["method"]
     synthetic = os.path.join(folder, "synthetic")
@@ -256,7 +257,7 @@ def execute(run: dict, args) -> dict:
                 os.makedirs(os.path.dirname(shared), exist_ok=True)
                 wall["select"] = call(script("select_salient.py", *common, "--select_ratio", source["rho"],
                                              "--selection_batch_size", args.max_physical_batch_size,
-                                             "--mixed_precision", args.mixed_precision, "--output", shared,
+                                             "--mixed_precision", args.mixed_precision, "--output", shared, *encoded,
                                              *SELECTION[source["method"]], *selection_budget(source, args)), log)
         if derived:
             from dp_sapf import atomic, saliency
@@ -275,7 +276,7 @@ def execute(run: dict, args) -> dict:
             "--max_train_steps", steps, "--learning_rate", learning_rate(method, args), "--rank", args.rank,
             "--checkpointing_steps", max(1, steps // 5), "--checkpoints_total_limit", 1,
             "--resume_from_checkpoint", "latest", "--validation_inference_steps", args.sampling_steps,
-            "--report_to", "none", "--output_dir", model_dir,
+            "--report_to", "none", "--output_dir", model_dir, *encoded,
             *(["--mixed_precision", args.mixed_precision] if method != "dp_finetune" else [])), log)
     if not os.path.isfile(os.path.join(synthetic, "metadata.jsonl")):
         source = (["--pretrained_model_name_or_path", model_dir] if method in ("wo_lora", "dp_finetune") else
