@@ -357,6 +357,7 @@ def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip:
     views = 2 if random_flip else 1
     path = None
     if cache_dir:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)  # encodings of private images: owner only
         keys = _image_keys(images, resolution, show_progress)
         path = _latent_cache_path(cache_dir, vae, keys, resolution, views, device, dtype)
         stored = None

@@ -41,6 +41,7 @@ def test_a_second_run_loads_what_the_first_encoded(vae_and_images, tmp_path, mon
     first = _encode(vae, images, cache_dir)
     (name,) = os.listdir(cache_dir)
     assert os.stat(os.path.join(cache_dir, name)).st_mode & 0o777 == 0o600  # encodings of private images
+    assert os.stat(cache_dir).st_mode & 0o077 == 0
     monkeypatch.setattr(vae, "encode", _no_vae)
     second = _encode(vae, images, cache_dir)
     assert _same(uncached, first) and _same(first, second)
