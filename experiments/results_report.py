@@ -88,6 +88,16 @@ def short_name(module: str) -> str:
     return f"{block}{index}.{attention}.{layer}.{parts[-1][-1]}"
 
 
+def versions_line(records: list[dict]) -> str:
+    """Each package's versions over all runs ("accelerate 1.15.0 / 1.16.0" when runs used different ones)."""
+    seen: dict[str, list[str]] = {}
+    for r in records:
+        for package, version in r.get("versions", {}).items():
+            if version not in seen.setdefault(package, []):
+                seen[package].append(version)
+    return ", ".join(f"{package} {' / '.join(v)}" for package, v in seen.items()) or "not recorded"
+
+
 def label(method: str, rho: float) -> str:
     return LABELS.get(method, method).format(rho=rho)
 
@@ -211,8 +221,7 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         f"guidance {settings['guidance_scale']}; FID against the sensitive train set; classifiers "
         f"({settings['classifier']}, {settings['classifier_epochs']} epochs) trained on the synthetic set, "
         "selected on a synthetic held-out split, tested on the real test split.",
-        f"- Device: {', '.join(devices)}. Versions: "
-        + (", ".join(f"{k} {v}" for k, v in records[0].get("versions", {}).items()) or "not recorded") + ".",
+        f"- Device: {', '.join(devices)}. Versions: {versions_line(records)}.",
         *pe_line(records),
         f"- How the settings were chosen: {how_chosen or settings.get('how_chosen', 'not recorded')}",
         "",

@@ -108,3 +108,13 @@ def test_full_fine_tuning_has_its_own_learning_rate():
     records = [{"method": "dp_finetune", "settings": compare.settings(args)}, {"method": "dp_sapf", "settings": {}}]
     assert finetune_rate(records) == " (DP-Finetune, which updates every UNet weight: 0.0003)"
     assert finetune_rate(records[1:]) == ""
+
+
+def test_the_page_names_every_version_the_runs_used():
+    """Runs finished over several sessions may use different library versions: the page lists each one."""
+    from experiments.results_report import versions_line
+
+    records = [{"versions": {"torch": "2.13.0", "accelerate": "1.15.0"}},
+               {"versions": {"torch": "2.13.0", "accelerate": "1.16.0"}}, {}]
+    assert versions_line(records) == "torch 2.13.0, accelerate 1.15.0 / 1.16.0"
+    assert versions_line([{}]) == "not recorded"
