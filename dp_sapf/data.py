@@ -346,7 +346,8 @@ def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip:
     The next batch is decoded and resized (PIL, on a worker thread) while the VAE encodes the current one.
     throughput: a `timing.Timings` that gets one unit per batch (images/s after its warm-up batches).
     cache_dir (--latent_cache_dir): reuse the posterior a run on the same content wrote there. Reading the
-    images to fingerprint them costs about a third of encoding them on a CPU; the VAE pass is what is saved.
+    images to fingerprint them remains (35 s against 413 s for a miss at 60,000 images on one CPU thread,
+    docs/benchmarks.md); the VAE pass is what is saved.
     Whether loaded or encoded, the posterior is the same deterministic function of each image, so the
     cache changes no draw and no privacy accounting.
     """
