@@ -306,6 +306,11 @@ class LatentCache:
         return (mean + std * eps - self.shift_factor) * self.scaling_factor
 
 
+def _latent_scaling(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of the VAE's config; SD3's VAE has a shift, the others none."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def _weights_digest(module: torch.nn.Module) -> str:
     """sha256 over a module's parameters and buffers (names, dtypes, shapes, bytes): which VAE encoded."""
     h = hashlib.sha256()
@@ -371,8 +376,7 @@ def encode_latents(vae, images: LabelledImages, resolution: int, *, random_flip:
                 if show_progress:
                     print(f"Latents of {len(keys)} images loaded from {path}")
                 return LatentCache(stored["mean"], stored["std"], torch.as_tensor(images.labels), keys,
-                                   float(vae.config.scaling_factor),
-                                   float(getattr(vae.config, "shift_factor", None) or 0.0))
+                                   *_latent_scaling(vae))
     cache = _encode(vae, images, resolution, views, batch_size, device, dtype, show_progress, throughput)
     if path is not None:
         with replacing(path, mode=0o600) as tmp:  # several processes may write it: each renames a whole file
@@ -407,8 +411,7 @@ def _encode(vae, images, resolution, views, batch_size, device, dtype, show_prog
             if throughput is not None:
                 throughput.unit_done(len(pixels))  # .cpu() above waited for the batch
     return LatentCache(torch.cat(means), torch.cat(stds), torch.as_tensor(images.labels),
-                       torch.tensor(keys, dtype=torch.int64), float(vae.config.scaling_factor),
-                       float(getattr(vae.config, "shift_factor", None) or 0.0))
+                       torch.tensor(keys, dtype=torch.int64), *_latent_scaling(vae))
 
 
 def diffusion_draws(cache: LatentCache, indices: torch.Tensor, *, secret_seed: int, stream: tuple,
