@@ -46,6 +46,9 @@ Selections are shared where the release is the same (<work_dir>/masks/): a seed'
 depend on ε) serves dp_sapf and wo_lora at every ε, and the ρ sweep, layer_selection and debiased_selection re-rank
 its released noisy norms (saliency.derive_mask, tested equal to a fresh selection with the same noise). Each run's
 (ε, δ) claim holds on its own; none is made for several runs released together.
+
+Several compare.py processes may share one --work_dir (e.g. one per CPU core, `OMP_NUM_THREADS=1`): each run holds
+a lock file in its folder, so a run that another process is working on is skipped, not done twice.
 """
 
 from __future__ import annotations
@@ -226,10 +229,23 @@ def call(cmd: list[str], log_path: str) -> float:
 
 def execute(run: dict, args) -> dict:
     """select -> train -> sample -> evaluate for one run, each stage skipped when its output is already there."""
-    from dp_sapf import run_folder
+    import filelock
 
     folder = os.path.join(args.work_dir, run["name"])
     os.makedirs(folder, exist_ok=True)
+    try:
+        with _run_lock(folder):
+            previous = os.path.join(args.results_dir, f"{run['name']}.json")
+            if is_complete(run, args) and os.path.isfile(previous):  # another process finished it since the plan
+                return json.load(open(previous))
+            return _execute_locked(run, args, folder)
+    except filelock.Timeout:
+        raise RunBusy(run["name"]) from None
+
+
+def _execute_locked(run: dict, args, folder: str) -> dict:
+    from dp_sapf import run_folder
+
     log = os.path.join(folder, "log.txt")
     wall = {}
     common = ["--pretrained_model_name_or_path", args.public_model, "--train_data_dir", args.data_dir,
@@ -334,14 +350,24 @@ def derivation(run: dict, args) -> dict | None:
     return None
 
 
-_KEY_LOCKS: dict = {}
-
-
 def _key_lock(key: str):
-    """One lock per shared selection, so --jobs > 1 never runs the same selection twice at once."""
-    import threading
+    """One lock file per shared selection, so neither --jobs > 1 nor a second compare.py on the same --work_dir runs
+    the same selection twice at once (filelock: an OS lock, released if the process dies)."""
+    import filelock
 
-    return _KEY_LOCKS.setdefault(key, threading.Lock())
+    return filelock.FileLock(key + ".lock")
+
+
+class RunBusy(Exception):
+    """The run's folder is locked by another compare.py process (or thread) working on it."""
+
+
+def _run_lock(folder: str):
+    """Held for the whole run, so two compare.py processes sharing a --work_dir split the runs between them instead
+    of both writing one folder; timeout=0: a busy run is skipped here, not waited for."""
+    import filelock
+
+    return filelock.FileLock(os.path.join(folder, ".lock"), timeout=0)
 
 
 def selection_budget(run: dict, args) -> list:
@@ -467,6 +493,8 @@ def run_all(args) -> list[dict]:
             try:
                 out = future.result()
                 print(f"done {name}: " + json.dumps(out["metrics"]), flush=True)
+            except RunBusy:  # not a failure: the process holding it finishes it
+                print(f"skipped {name}: another compare.py is running it", flush=True)
             except Exception as err:  # one failed run does not stop the others; it is retried next time
                 failures.append(name)
                 print(f"FAILED {name}: {err}", flush=True)

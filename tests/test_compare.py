@@ -118,3 +118,39 @@ def test_the_page_names_every_version_the_runs_used():
                {"versions": {"torch": "2.13.0", "accelerate": "1.16.0"}}, {}]
     assert versions_line(records) == "torch 2.13.0, accelerate 1.15.0 / 1.16.0"
     assert versions_line([{}]) == "not recorded"
+
+
+def test_a_run_another_process_holds_is_skipped_not_failed_or_touched(tmp_path, monkeypatch, capsys):
+    """Two compare.py processes on one --work_dir split the runs: a run whose folder lock is held elsewhere is
+    skipped (no stage starts, nothing written), the others go on, and the call does not fail."""
+    import subprocess
+    import sys
+
+    from experiments import compare
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    args = compare.parse_args(["run", "--scale", "cpu", "--methods", "no_finetune", "random_selection",
+                               "--epsilons", "10", "--public_model", str(model), "--work_dir", str(tmp_path / "work"),
+                               "--results_dir", str(tmp_path / "results")])
+    monkeypatch.setattr(compare, "prepare_data", lambda args: None)
+    ran = []
+    monkeypatch.setattr(compare, "_execute_locked", lambda run, args, folder: ran.append(run["name"]) or
+                        {"metrics": {}})
+    busy = tmp_path / "work" / "no_finetune_seed0"
+    busy.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import filelock, sys, time\n"
+                               f"lock = filelock.FileLock({str(busy / '.lock')!r}); lock.acquire()\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        compare.run_all(args)  # raises SystemExit on a failed run
+    finally:
+        holder.kill()
+        holder.wait()  # its lock is released when it is gone
+    assert ran == ["random_selection_eps10_seed0"]
+    assert "skipped no_finetune_seed0: another compare.py is running it" in capsys.readouterr().out
+    assert os.listdir(busy) == [".lock"]
+    compare.run_all(args)  # the holder is gone: the lock is free again
+    assert ran == ["random_selection_eps10_seed0", "no_finetune_seed0", "random_selection_eps10_seed0"]
