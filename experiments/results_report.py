@@ -62,8 +62,8 @@ def rho_table(records: list[dict]) -> list[str]:
                    key=lambda r: (r["rho"], r["seed"]))
     if len({r["rho"] for r in sweep}) < 2:
         return []
-    lines = ["| ρ | selected / candidates | selection share of ε | FID ↓ | WRN acc ↑ | selected matrices |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| ρ | seeds | selected / candidates | selection share of ε | FID ↓ | WRN acc ↑ | selected matrices (first seed) |",
+             "|---|---|---|---|---|---|---|"]
     seen = set()
     for r in sweep:
         if r["rho"] in seen:
@@ -71,7 +71,7 @@ def rho_table(records: list[dict]) -> list[str]:
         seen.add(r["rho"])
         same = [x for x in sweep if x["rho"] == r["rho"]]
         chosen = ", ".join(short_name(n) for n in r["selected_matrices"])
-        lines.append(f"| {r['rho']:g} | {len(r['selected_matrices'])} / {r['num_candidates']} | "
+        lines.append(f"| {r['rho']:g} | {len(same)} | {len(r['selected_matrices'])} / {r['num_candidates']} | "
                      f"{100 * r['budget_split']['selection_share']:.1f} % | "
                      f"{mean_std([x['metrics'].get('fid_train') for x in same])} | "
                      f"{mean_std([x['metrics'].get('accuracy_wrn') for x in same])} | {chosen} |")

@@ -120,6 +120,21 @@ def test_the_page_names_every_version_the_runs_used():
     assert versions_line([{}]) == "not recorded"
 
 
+def test_the_rho_sweep_counts_its_seeds_and_lists_the_first_seeds_mask():
+    """Seeds of one ρ draw different masks: the sweep averages their scores, says how many, and lists seed 0's."""
+    from experiments.results_report import rho_table
+
+    def record(rho, seed, matrices, accuracy):
+        return {"method": "dp_sapf", "rho": rho, "seed": seed, "epsilon": 10, "selected_matrices": matrices,
+                "num_candidates": 42, "budget_split": {"selection_share": 0.011},
+                "metrics": {"fid_train": 100.0, "accuracy_wrn": accuracy}}
+
+    q, v = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.transformer_blocks.0.attn1.to_v"
+    rows = rho_table([record(0.3, 1, [v], 0.3), record(0.1, 0, [q], 0.2), record(0.3, 0, [q, v], 0.1)])
+    assert rows[2] == "| 0.1 | 1 | 1 / 42 | 1.1 % | 100.0 | 0.200 | mid.0.attn1.q |"
+    assert rows[3] == "| 0.3 | 2 | 2 / 42 | 1.1 % | 100.0 ± 0.0 | 0.200 ± 0.141 | mid.0.attn1.q, mid.0.attn1.v |"
+
+
 def test_a_run_another_process_holds_is_skipped_not_failed_or_touched(tmp_path, monkeypatch, capsys):
     """Two compare.py processes on one --work_dir split the runs: a run whose folder lock is held elsewhere is
     skipped (no stage starts, nothing written), the others go on, and the call does not fail."""
