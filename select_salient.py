@@ -34,6 +34,14 @@ def parse_args(argv=None):
                         "add no Gaussian noise: giving it with them is an error.")
     g.add_argument("--selection_max_grad_norm", type=POSITIVE, default=1.0,
                    help="C_s: each sample's gradient over ALL candidate matrices is clipped jointly to this norm.")
+    g.add_argument("--selection_clipping", choices=per_sample.CLIPPING_RULES, default="automatic",
+                   help="automatic: g·C_s/(‖g‖ + γ) (scale-free, as train_dp_sapf.py's --clipping); flat: "
+                        "g·min(1, C_s/‖g‖) (the paper's). Either way each image moves the query by at most C_s.")
+    g.add_argument("--selection_automatic_clipping_gamma", type=POSITIVE, default=per_sample.DEFAULT_AUTOMATIC_GAMMA,
+                   help="γ of --selection_clipping automatic.")
+    g.add_argument("--noise_multiplicity", type=COUNT, default=1,
+                   help="K: each image's loss is the mean over K independent secret (timestep, noise) draws before "
+                        "its gradient is clipped; one clipped gradient per image, so the cost is unchanged.")
     g.add_argument("--granularity", choices=saliency.GRANULARITIES, default="matrix",
                    help="matrix: rank single q/k/v matrices; layer: rank attention layers by their concatenated "
                         "q/k/v block and keep or drop them whole.")
@@ -142,6 +150,10 @@ def main(argv=None):
         granularity=args.granularity, ratio=args.select_ratio, scorer=args.scorer, result=result, seed=args.seed,
         privacy_record=privacy_record, class_names=class_names, class_prompts=prompts,
         backbone=parts.backbone.name, pipeline_class=parts.backbone.pipeline_class)
+    if not data_free:
+        mask["per_sample"] = {"clipping": args.selection_clipping, "noise_multiplicity": args.noise_multiplicity,
+                              "automatic_gamma": args.selection_automatic_clipping_gamma
+                              if args.selection_clipping == "automatic" else None}
     if accelerator.is_main_process:
         saliency.write_mask(mask, args.output)
         summary = timings.summary()
@@ -175,7 +187,7 @@ def private_selection(args, parts, images, prompts, modules, accelerator, dp_see
         world_size=accelerator.num_processes,
         micro_batch_size=math.ceil(args.selection_batch_size / accelerator.num_processes),
         num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
-        stream=("selection",), device=device)
+        stream=("selection",), device=device, multiplicity=args.noise_multiplicity)
     progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
     loss_fn = modeling.diffusion_loss_fn(parts.denoiser, parts.noise_scheduler, accelerator.autocast)
     result = saliency.select_salient(
@@ -184,7 +196,9 @@ def private_selection(args, parts, images, prompts, modules, accelerator, dp_see
         epsilon=args.selection_epsilon, delta=delta, ratio=args.select_ratio, granularity=args.granularity,
         noise_generator=seeded_generator(dp_seed, "selection-noise", device=device),
         fallback_generator=seeded_generator(args.seed, "ptr-fallback-mask"),
-        accelerator=accelerator, progress=progress, compile=args.compile, ghost=args.ghost_norms)
+        accelerator=accelerator, progress=progress, compile=args.compile, ghost=args.ghost_norms,
+        clipping=args.selection_clipping, automatic_gamma=args.selection_automatic_clipping_gamma,
+        multiplicity=args.noise_multiplicity)
     progress.close()
     if result.num_samples != n:
         raise RuntimeError(f"The pass saw {result.num_samples} samples, expected {n}.")

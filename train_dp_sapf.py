@@ -58,7 +58,21 @@ def parse_args(argv=None):
                    help="Give σ directly instead of --target_epsilon; the resulting ε is reported.")
     g.add_argument("--no_dp", action="store_true",
                    help="Non-private training (the 'LoRA w/o DP' comparison): no clipping, no noise, ε = inf.")
-    g.add_argument("--max_grad_norm", type=POSITIVE, default=1.0, help="C: per-sample joint clipping norm.")
+    g.add_argument("--max_grad_norm", type=POSITIVE, default=1.0,
+                   help="C, the per-sample sensitivity bound (not diffusers' gradient-norm clipping): each sample's "
+                        "gradient, joint over all trainable tensors, is scaled to norm at most C before the sum.")
+    g.add_argument("--clipping", choices=per_sample.CLIPPING_RULES, default="automatic",
+                   help="automatic: g·C/(‖g‖ + γ) (Bu et al.; the official DP-SAPF code): every sample reaches a norm "
+                        "just under C whatever the model's gradient scale, so C = 1 suits any model. flat: "
+                        "g·min(1, C/‖g‖) (Abadi et al.): C must sit at or below the typical per-sample norm, or nothing "
+                        "is clipped and the noise σC swamps gradients far smaller than C (docs/privacy.md).")
+    g.add_argument("--automatic_clipping_gamma", type=POSITIVE, default=per_sample.DEFAULT_AUTOMATIC_GAMMA,
+                   help="γ of --clipping automatic (official code: 0.01); keeps tiny gradients from being blown up "
+                        "to norm C. Same sensitivity C for every γ.")
+    g.add_argument("--noise_multiplicity", type=COUNT, default=1,
+                   help="K: each sample's loss is the mean over K independent secret (timestep, noise) draws before "
+                        "its gradient is clipped (DPDM); one clipped gradient per sample, so privacy is unchanged, "
+                        "and each step costs about K times the forward/backward work.")
     g.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp",
                    help="rdp (as the paper; opacus), or the tighter prv (opacus) / pld (dp-accounting).")
     g.add_argument("--per_sample_engine", choices=per_sample.ENGINES, default="auto",
@@ -204,15 +218,18 @@ def main(argv=None):
     named = modeling.make_trainable(parts.denoiser, args.train_mode, target_modules, args.rank, args.lora_alpha)
     params = list(named.values())
     model, engine = parts.denoiser, None
+    # rows of one micro-batch: whole samples of K copies each, at most --max_physical_batch_size (at least one sample)
+    padded_rows = max(1, args.max_physical_batch_size // args.noise_multiplicity) * args.noise_multiplicity
     if private:
         engine, model = per_sample.make_engine(args.per_sample_engine, parts.denoiser, params, compile=args.compile,
                                                mixed_precision=accelerator.mixed_precision,
-                                               max_batch_size=args.max_physical_batch_size)
+                                               max_batch_size=padded_rows)
     if args.compile:
         model = torch.compile(model)
     step_gradients = per_sample.StepGradients(
         modeling.diffusion_loss_fn(model, parts.noise_scheduler, accelerator.autocast), params, private=private,
-        max_grad_norm=args.max_grad_norm, engine=engine, accelerator=accelerator, compile=args.compile)
+        max_grad_norm=args.max_grad_norm, engine=engine, accelerator=accelerator, compile=args.compile,
+        clipping=args.clipping, automatic_gamma=args.automatic_clipping_gamma, multiplicity=args.noise_multiplicity)
     # A checkpoint to resume must hold this run's privacy parameters and tensors: checked before anything is written.
     resume = run_folder.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
@@ -268,7 +285,8 @@ def main(argv=None):
                 cache, prompt_embeds, indices, rank=accelerator.process_index, world_size=accelerator.num_processes,
                 micro_batch_size=args.max_physical_batch_size,
                 num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
-                stream=("train", step), device=device, pad_to=args.max_physical_batch_size if args.compile else None)
+                stream=("train", step), device=device, pad_to=padded_rows if args.compile else None,
+                multiplicity=args.noise_multiplicity)
             loss_sum = step_gradients(batches, noise_multiplier=ledger.noise_multiplier,
                                       noise_generator=seeded_generator(dp_seed, "noise", step, device=device),
                                       expected_batch_size=args.train_batch_size, realised_batch_size=indices.shape[0])
@@ -323,7 +341,11 @@ def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask,
                                                              "candidate_fingerprint", "target_modules")},
         base_model=args.pretrained_model_name_or_path, resolution=args.resolution, class_names=class_names,
         class_prompts=prompts, backbone=parts.backbone.name, pipeline_class=parts.backbone.pipeline_class,
-        base_signature=base_signature)
+        base_signature=base_signature,
+        clipping=None if args.no_dp else {"rule": args.clipping, "max_grad_norm": args.max_grad_norm,
+                                          "automatic_gamma": args.automatic_clipping_gamma
+                                          if args.clipping == "automatic" else None},
+        noise_multiplicity=args.noise_multiplicity)
     if args.train_mode == "lora":
         modeling.save_lora(denoiser, args.output_dir)  # atomic (backbones.save_lora)
     else:

@@ -120,10 +120,10 @@ def gaussian_dp_lower_bound(out_scores, in_scores, delta: float, confidence: flo
     return {"mu_hat": float(mu), "mu_lower": float(mu_lower), "epsilon_lower_gdp": gaussian_dp_epsilon(mu_lower, delta)}
 
 
-def _public_draws(cache, indices, *, secret_seed, stream, num_train_timesteps):
+def _public_draws(cache, indices, *, secret_seed, stream, num_train_timesteps, multiplicity=1):
     """The bug of issue #11: draws from the public seed, handed out by position (ignores the secret seed)."""
     g = seeded_generator(PUBLIC_SEED, *stream)
-    n, views, shape = len(indices), cache.mean.shape[1], tuple(cache.mean.shape[2:])
+    n, views, shape = len(indices) * multiplicity, cache.mean.shape[1], tuple(cache.mean.shape[2:])
     flips = torch.randint(0, views, (n,), generator=g)
     eps, noise = torch.randn((n, *shape), generator=g), torch.randn((n, *shape), generator=g)
     return flips, eps, noise, torch.randint(0, num_train_timesteps, (n,), generator=g)

@@ -415,8 +415,11 @@ def _encode(vae, images, resolution, views, batch_size, device, dtype, show_prog
 
 
 def diffusion_draws(cache: LatentCache, indices: torch.Tensor, *, secret_seed: int, stream: tuple,
-                    num_train_timesteps: int):
+                    num_train_timesteps: int, multiplicity: int = 1):
     """Each image's (flip, posterior draw, noise, timestep) for one use, keyed by (secret seed, stream, image key).
+
+    multiplicity K: K independent draws per image from the same per-image generator, one after another, as K
+    consecutive rows (image-major; the first is the K = 1 draw), for noise multiplicity.
 
     These draws are mechanism randomness (docs/design.md §1): they come from the secret DP seed, so the adversary
     cannot compute them, and each image's draws depend on that image alone, never on its position or on
@@ -426,12 +429,13 @@ def diffusion_draws(cache: LatentCache, indices: torch.Tensor, *, secret_seed: i
     """
     views = cache.mean.shape[1]
     keys = cache.keys[indices].tolist()
-    gaussians = torch.empty((len(keys), 2, *cache.mean.shape[2:]))
-    choices = torch.empty(len(keys), dtype=torch.long)
+    gaussians = torch.empty((len(keys) * multiplicity, 2, *cache.mean.shape[2:]))
+    choices = torch.empty(len(keys) * multiplicity, dtype=torch.long)
     for i, key in enumerate(keys):
         g = seeded_generator(secret_seed, *stream, key)
-        choices[i] = torch.randint(0, views * num_train_timesteps, (), generator=g)
-        gaussians[i].normal_(generator=g)
+        for row in range(i * multiplicity, (i + 1) * multiplicity):
+            choices[row] = torch.randint(0, views * num_train_timesteps, (), generator=g)
+            gaussians[row].normal_(generator=g)
     return choices % views, gaussians[:, 0], gaussians[:, 1], choices // views
 
 
@@ -451,8 +455,11 @@ def _pad_rows(x, missing: int):
 
 def micro_batches(cache: LatentCache, prompt_embeds, indices: torch.Tensor, *, rank: int,
                   world_size: int, micro_batch_size: int, num_train_timesteps: int, secret_seed: int,
-                  stream: tuple, device, pad_to: int | None = None):
+                  stream: tuple, device, pad_to: int | None = None, multiplicity: int = 1):
     """Yield (latents, conditioning, noise, timesteps) micro-batches of this rank's share of `indices`.
+
+    multiplicity K (noise multiplicity): each sample comes as K consecutive rows with independent draws; a
+    micro-batch holds at most `micro_batch_size` rows, i.e. micro_batch_size // K samples (at least one).
 
     `prompt_embeds` is the per-class conditioning table of `modeling.encode_prompts` (CLIP states, SD3's
     (embeds, pooled) tuple, or DiT's class ids); each sample gets its label's row.
@@ -468,27 +475,30 @@ def micro_batches(cache: LatentCache, prompt_embeds, indices: torch.Tensor, *, r
     from concurrent.futures import ThreadPoolExecutor
 
     mine = shard(indices, rank, world_size)
-    chunks = [mine[start:start + micro_batch_size] for start in range(0, mine.shape[0], micro_batch_size)]
+    per_chunk = max(1, micro_batch_size // multiplicity)
+    chunks = [mine[start:start + per_chunk] for start in range(0, mine.shape[0], per_chunk)]
 
     def draws(idx):
         return diffusion_draws(cache, idx, secret_seed=secret_seed, stream=stream,
-                               num_train_timesteps=num_train_timesteps)
+                               num_train_timesteps=num_train_timesteps, multiplicity=multiplicity)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(draws, chunks[0]) if chunks else None
         for k, idx in enumerate(chunks):
             flips, eps, noise, timesteps = pending.result()
             pending = pool.submit(draws, chunks[k + 1]) if k + 1 < len(chunks) else None
-            latents = cache.draw(idx, flips, eps.to(device))
-            hidden = select_conditions(prompt_embeds, cache.labels[idx])
+            rows = idx.repeat_interleave(multiplicity)
+            latents = cache.draw(rows, flips, eps.to(device))
+            hidden = select_conditions(prompt_embeds, cache.labels[rows])
             batch = (latents, hidden, noise.to(device), timesteps.to(device))
             if pad_to is None:
                 yield batch
                 continue
-            missing = pad_to - len(idx)
-            if missing < 0:
-                raise ValueError(f"A micro-batch of {len(idx)} rows does not fit pad_to = {pad_to}.")
-            weights = torch.cat([torch.ones(len(idx)), torch.zeros(missing)])
+            missing = pad_to - len(rows)
+            if missing < 0 or missing % multiplicity:
+                raise ValueError(f"A micro-batch of {len(rows)} rows does not fit pad_to = {pad_to} in whole samples "
+                                 f"of {multiplicity} rows.")
+            weights = torch.cat([torch.ones(len(rows)), torch.zeros(missing)])
             yield tuple(_pad_rows(t, missing) for t in batch) + (weights,)
 
 

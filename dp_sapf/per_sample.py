@@ -318,20 +318,45 @@ def make_engine(name: str, model: nn.Module, params: list[nn.Parameter], *, comp
     return engine, engine.model
 
 
+CLIPPING_RULES = ("automatic", "flat")
+DEFAULT_AUTOMATIC_GAMMA = 0.01  # the official DP-SAPF code's stability constant (Bu et al.'s automatic clipping)
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float, clipping: str = "flat",
+                 gamma: float = DEFAULT_AUTOMATIC_GAMMA) -> torch.Tensor:
+    """The factor c_b each sample's gradient is multiplied by; ‖c_b·g_b‖ ≤ C in both rules (the sensitivity).
+
+    flat: c = min(1, C/‖g‖) (Abadi et al.), which clips nothing when C is far above the norms and then scales
+    the noise to a norm no gradient has. automatic: c = C/(‖g‖ + γ) (Bu et al. 2023; the official DP-SAPF code,
+    γ = 0.01): every sample is rescaled to a norm just under C whatever the model's gradient scale, so the
+    noise σC always meets gradients of norm ≈ C. A non-finite sample gets 0.
+    """
+    if clipping == "flat":
+        factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    elif clipping == "automatic":
+        if not gamma > 0:
+            raise ValueError("automatic clipping needs a stability constant gamma > 0.")
+        factors = max_grad_norm / (norms + gamma)
+    else:
+        raise ValueError(f"Unknown clipping rule {clipping!r}; choose from {', '.join(CLIPPING_RULES)}.")
+    return torch.where(torch.isfinite(norms), factors, torch.zeros_like(norms))
+
+
 def clip_and_accumulate(grad_samples: list[torch.Tensor], sums: list[torch.Tensor], max_grad_norm: float,
-                        fused: bool = False):
+                        fused: bool = False, clipping: str = "flat", gamma: float = DEFAULT_AUTOMATIC_GAMMA):
     """sums += Σ_b clip_C(g_b), in place; returns the per-sample norms (B,) and the per-tensor Σ_b ‖clipped g_b‖².
 
-    clip_C(g) = g · min(1, C / ‖g‖), ‖g‖ the joint norm over all tensors (accumulated in fp32 whatever the
-    dtype of g); a non-finite sample contributes zero. `fused` writes the weighted sum as a pointwise product
-    and a reduction, which torch.compile turns into one read of each per-sample tensor (eager: use einsum).
+    clip_C(g) = c(‖g‖)·g with the factor of `clip_factors` (flat: min(1, C/‖g‖); automatic: C/(‖g‖ + γ)),
+    ‖g‖ the joint norm over all tensors (accumulated in fp32 whatever the dtype of g); a non-finite sample
+    contributes zero. `fused` writes the weighted sum as a pointwise product and a reduction, which
+    torch.compile turns into one read of each per-sample tensor (eager: use einsum).
     """
     per_tensor = torch.stack([g.squared_norms() if isinstance(g, LinearFactors) else
                               torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) ** 2
                               for g in grad_samples], dim=1)  # (B, tensors), one read of each tensor
     norms = per_tensor.sum(1).sqrt()
     finite = torch.isfinite(norms)
-    factors = torch.where(finite, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+    factors = clip_factors(norms, max_grad_norm, clipping, gamma)
     for total, g in zip(sums, grad_samples):
         if isinstance(g, LinearFactors):
             total.add_(g.weighted_sum(factors))
@@ -348,14 +373,18 @@ def clip_and_accumulate(grad_samples: list[torch.Tensor], sums: list[torch.Tenso
 class ClippedGradientSum:
     """Σ_i clip_C(g_i) over the samples of one logical batch, with per-tensor sums of squared clipped norms.
 
-    clip_C(g) = g · min(1, C / ‖g‖) with ‖g‖ the joint norm over all tensors; a sample whose gradient is not
-    finite contributes zero (still within the sensitivity C, and decided per sample).
+    clip_C(g) = g · min(1, C / ‖g‖) (flat) or g · C/(‖g‖ + γ) (automatic) with ‖g‖ the joint norm over all
+    tensors; a sample whose gradient is not finite contributes zero (still within the sensitivity C, and
+    decided per sample).
     """
 
     def __init__(self, params: list[torch.Tensor], max_grad_norm: float, track_squared_norms: bool = False,
-                 compile: bool = False, accumulate_dtype: torch.dtype = torch.float32):
+                 compile: bool = False, accumulate_dtype: torch.dtype = torch.float32, clipping: str = "flat",
+                 automatic_gamma: float = DEFAULT_AUTOMATIC_GAMMA):
         if max_grad_norm <= 0:
             raise ValueError("max_grad_norm must be > 0.")
+        clip_factors(torch.ones(1), max_grad_norm, clipping, automatic_gamma)  # refuses an unknown rule or γ ≤ 0
+        self.clipping, self.automatic_gamma = clipping, float(automatic_gamma)
         self.params = list(params)
         # float64 where exact (noise-free) sums are compared against Δ = C/N (PTR): float32 rounding over N adds
         # can exceed 1% of Δ at N ~ 10⁴
@@ -363,12 +392,13 @@ class ClippedGradientSum:
         self.max_grad_norm = float(max_grad_norm)
         self.track_squared_norms = track_squared_norms
         # compiled: a few fused kernels instead of ~6 launches per tensor (the same arithmetic)
-        if compile:
-            import functools
+        import functools
 
-            self._kernel = torch.compile(functools.partial(clip_and_accumulate, fused=True), dynamic=True)
+        self._eager = functools.partial(clip_and_accumulate, clipping=clipping, gamma=self.automatic_gamma)
+        if compile:
+            self._kernel = torch.compile(functools.partial(self._eager, fused=True), dynamic=True)
         else:
-            self._kernel = clip_and_accumulate
+            self._kernel = self._eager
         self.reset()
 
     def reset(self) -> None:
@@ -390,7 +420,7 @@ class ClippedGradientSum:
             raise RuntimeError(f"{len(missing)} trainable tensors got no per-sample gradient (are they used in the "
                                "forward pass, with hooks active?).")
         batch = [grad_samples[p] for p in self.params]
-        kernel = clip_and_accumulate if any(isinstance(g, LinearFactors) for g in batch) else self._kernel
+        kernel = self._eager if any(isinstance(g, LinearFactors) for g in batch) else self._kernel
         norms, squared = kernel(batch, self.sums, self.max_grad_norm)
         if self.track_squared_norms:  # (float32 products, added in the accumulation dtype)
             self.squared_norm_sums.add_(squared)
@@ -420,14 +450,36 @@ class ClippedGradientSum:
                                        dtype=torch.float32).to(s.device) for s in self.sums]
 
 
+def group_rows(grad_samples: dict, multiplicity: int) -> dict:
+    """Per-row gradients -> per-sample gradients: each run of `multiplicity` consecutive rows is one sample's
+    copies (`data.micro_batches`), and their gradients add up (the loss already carries the 1/K of the mean).
+
+    A factored weight gradient is regrouped, not materialised: a sample's K copies are K·T tokens of one
+    `LinearFactors`, since Σ_k g_kᵀx_k = [g_1 … g_K]ᵀ[x_1 … x_K].
+    """
+    if multiplicity == 1:
+        return grad_samples
+    out = {}
+    for param, g in grad_samples.items():
+        if isinstance(g, LinearFactors):
+            rows, tokens = g.x.shape[:2]
+            out[param] = LinearFactors(g.x.reshape(rows // multiplicity, multiplicity * tokens, g.x.shape[-1]),
+                                       g.g.reshape(rows // multiplicity, multiplicity * tokens, g.g.shape[-1]))
+        else:
+            out[param] = g.reshape(g.shape[0] // multiplicity, multiplicity, *g.shape[1:]).sum(1)
+    return out
+
+
 def accumulate_clipped(loss_fn, batches, engine: PerSampleEngine, clipped: "ClippedGradientSum", params=(),
-                       progress=None):
+                       progress=None, multiplicity: int = 1):
     """The one loop over micro-batches: per-sample losses, backward of their sum, clipped add of each sample.
 
-    `loss_fn(*batch)` returns one loss per sample (shape (B,)), never an average across samples, so each
-    per-sample gradient is that of its own loss. A batch may carry a fifth element, CPU weights of its rows
-    (0: a padding row, whose loss and gradient are zero): only the real rows are counted. Returns this
-    process's summed loss (no host sync).
+    `loss_fn(*batch)` returns one loss per row (shape (B·K,)), never an average across samples, so each
+    per-sample gradient is that of its own loss. With noise multiplicity K the rows come in runs of K copies of
+    one sample (`data.micro_batches`): the sample's loss is the mean of its K rows, and its gradient, the sum
+    of its rows' gradients (`group_rows`), is clipped once, so the sensitivity is C whatever K is. A batch may
+    carry a fifth element, CPU weights of its rows (0: a padding row, whose loss and gradient are zero): only
+    the real samples are counted. Returns this process's summed per-sample loss (no host sync).
     """
     loss_sum = None
     with engine:
@@ -436,38 +488,47 @@ def accumulate_clipped(loss_fn, batches, engine: PerSampleEngine, clipped: "Clip
             real = int(batch[4].sum()) if len(batch) > 4 else size
             if real == 0:
                 continue
-            losses = loss_fn(*batch)
+            if size % multiplicity or real % multiplicity:
+                raise ValueError(f"A micro-batch of {size} rows ({real} real) does not hold whole samples of "
+                                 f"{multiplicity} copies each.")
+            losses = loss_fn(*batch).view(-1, multiplicity).mean(1)
             losses.sum().backward()
-            clipped.add(engine.pop(size), count=real)
+            clipped.add(group_rows(engine.pop(size), multiplicity), count=real // multiplicity)
             for p in params:
                 p.grad = None
             loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
             if progress is not None:
-                progress(real)
+                progress(real // multiplicity)
     return loss_sum
 
 
 class StepGradients:
     """One logical batch -> the gradient the optimizer applies (training, benchmarks and the audit share this).
 
-    Private: per-sample gradients (an engine), joint clip, sum over micro-batches and processes, noise
-    N(0, σ²C²) once, division by the expected batch B. Non-private: the plain mean over the realised batch.
+    Private: per-sample gradients (an engine), joint clip (`clipping`: flat or automatic), sum over micro-batches
+    and processes, noise N(0, σ²C²) once, division by the expected batch B. Non-private: the plain mean over the
+    realised batch. With `multiplicity` K each sample's loss is the mean over its K rows (`data.micro_batches`).
     """
 
     def __init__(self, loss_fn, params: list[nn.Parameter], *, private: bool, max_grad_norm: float,
-                 engine=None, accelerator=None, compile: bool = False):
+                 engine=None, accelerator=None, compile: bool = False, clipping: str = "flat",
+                 automatic_gamma: float = DEFAULT_AUTOMATIC_GAMMA, multiplicity: int = 1):
         if private and engine is None:
             raise ValueError("A private step needs a per-sample engine.")
+        if multiplicity < 1:
+            raise ValueError("The noise multiplicity K must be at least 1.")
         self.loss_fn, self.params, self.private = loss_fn, params, private
-        self.engine, self.accelerator = engine, accelerator
-        self.clipped = ClippedGradientSum(params, max_grad_norm, compile=compile and private)
+        self.engine, self.accelerator, self.multiplicity = engine, accelerator, int(multiplicity)
+        self.clipped = ClippedGradientSum(params, max_grad_norm, compile=compile and private, clipping=clipping,
+                                          automatic_gamma=automatic_gamma)
 
     def __call__(self, batches, *, noise_multiplier: float, noise_generator: torch.Generator | None,
                  expected_batch_size: int, realised_batch_size: int) -> torch.Tensor:
         """Set p.grad for every trainable tensor; return this process's summed loss (no host sync)."""
         self.clipped.reset()
         if self.private:
-            loss_sum = accumulate_clipped(self.loss_fn, batches, self.engine, self.clipped, self.params)
+            loss_sum = accumulate_clipped(self.loss_fn, batches, self.engine, self.clipped, self.params,
+                                          multiplicity=self.multiplicity)
             self.clipped.all_reduce(self.accelerator)
             noisy = self.clipped.noisy_sums(noise_multiplier, noise_generator)
             for p, s in zip(self.params, noisy):
@@ -475,7 +536,7 @@ class StepGradients:
         else:
             loss_sum = None
             for batch in batches:
-                losses = self.loss_fn(*batch)
+                losses = self.loss_fn(*batch).view(-1, self.multiplicity).mean(1)
                 losses.sum().backward()
                 loss_sum = losses.detach().sum() if loss_sum is None else loss_sum + losses.detach().sum()
             for p in self.params:

@@ -491,6 +491,8 @@ REPORT_FIELDS = {
     "class_names": "the public class list", "class_prompts": "one prompt per class",
     "backbone": "sd | sd3 | dit", "pipeline_class": "the base pipeline's diffusers class",
     "base_signature": "mean |w| of a few base-model tensors: sample.py refuses the LoRA on another base model",
+    "clipping": "rule (flat: g·min(1, C/‖g‖); automatic: g·C/(‖g‖ + γ)), C and γ; either way ‖clipped g‖ ≤ C",
+    "noise_multiplicity": "K: each sample's loss averaged over K secret draws before its one clip (privacy unchanged)",
 }
 
 

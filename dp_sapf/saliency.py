@@ -156,26 +156,29 @@ class SelectionResult:
 
 def clipped_gradient_sums(loss_fn, modules: dict[str, nn.Linear], batches, *, max_grad_norm: float,
                           track_squared_norms: bool = False, accelerator=None, progress=None,
-                          compile: bool = False, ghost: str = "auto", accumulate_dtype: torch.dtype = torch.float32):
+                          compile: bool = False, ghost: str = "auto", accumulate_dtype: torch.dtype = torch.float32,
+                          clipping: str = "flat", automatic_gamma: float = 0.01, multiplicity: int = 1):
     """Σ_i clip_{C_s}(g_i) over this process's samples, each g_i over all candidate weights jointly, summed over
     processes (the pre-noise query). `batches` yields (latents, hidden, noise, timesteps).
 
     The candidate weights require grad during the pass (and only then): every candidate then has a gradient
     path, also those whose input carries none (the time embedding's linears in the all_linear pool).
     ghost: per-sample gradients kept factored where smaller (`per_sample.LinearFactors`): the same sums.
+    clipping / automatic_gamma: the clip rule (`per_sample.clip_factors`); multiplicity K: `batches` hold K rows
+    per sample (`data.micro_batches`) whose mean loss gives the one gradient that is clipped.
     """
     from .per_sample import ClippedGradientSum, LinearPerSampleHooks, accumulate_clipped
 
     weights = [m.weight for m in modules.values()]
     clipped = ClippedGradientSum(weights, max_grad_norm, track_squared_norms=track_squared_norms, compile=compile,
-                                 accumulate_dtype=accumulate_dtype)
+                                 accumulate_dtype=accumulate_dtype, clipping=clipping, automatic_gamma=automatic_gamma)
     scale = accelerator.num_processes if accelerator is not None else 1
     before = [w.requires_grad for w in weights]
     try:
         for w in weights:
             w.requires_grad_(True)
         accumulate_clipped(loss_fn, batches, LinearPerSampleHooks(modules, include_bias=False, ghost=ghost), clipped,
-                           weights,
+                           weights, multiplicity=multiplicity,
                            progress=None if progress is None else (lambda b: progress.update(b * scale)))
     finally:
         for w, flag in zip(weights, before):
@@ -295,7 +298,8 @@ def select_salient(loss_fn, modules: dict[str, nn.Linear], batches, *, dataset_s
                    noise_multiplier: float, max_grad_norm: float, ratio: float, granularity: str,
                    noise_generator: torch.Generator, mechanism: str = "gaussian", epsilon: float | None = None,
                    delta: float | None = None, fallback_generator: torch.Generator | None = None,
-                   accelerator=None, progress=None, compile: bool = False, ghost: str = "auto") -> SelectionResult:
+                   accelerator=None, progress=None, compile: bool = False, ghost: str = "auto",
+                   clipping: str = "flat", automatic_gamma: float = 0.01, multiplicity: int = 1) -> SelectionResult:
     """Run the private selection over `batches` (this process's shard) and pick the top matrices.
 
     Every sample's gradient over all candidate weights is clipped jointly before anything is summed; sums are
@@ -318,7 +322,8 @@ def select_salient(loss_fn, modules: dict[str, nn.Linear], batches, *, dataset_s
         raise ValueError("synflow reads no data: score it with saliency.synflow_scores and rank_and_select.")
     clipped = clipped_gradient_sums(loss_fn, modules, batches, max_grad_norm=max_grad_norm,
                                     track_squared_norms=scorer == "fisher", accelerator=accelerator,
-                                    progress=progress, compile=compile, ghost=ghost,
+                                    progress=progress, compile=compile, ghost=ghost, clipping=clipping,
+                                    automatic_gamma=automatic_gamma, multiplicity=multiplicity,
                                     accumulate_dtype=torch.float32 if mechanism == "gaussian" else torch.float64)
     if mechanism == "gaussian":
         scores = noisy_scores(clipped, modules, scorer=scorer, noise_multiplier=noise_multiplier,
