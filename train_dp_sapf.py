@@ -40,9 +40,18 @@ def parse_args(argv=None):
     g.add_argument("--saliency_mask", type=str, default=None,
                    help="Mask JSON from select_salient.py: LoRA goes on exactly its target_modules and its selection "
                         "cost is composed into ε. Required with --lora_target mask.")
-    g.add_argument("--lora_target", choices=["mask", "all_attention"], default="mask",
+    g.add_argument("--lora_target", choices=["mask", "all_attention", "warmup_select"], default="mask",
                    help="mask: the saliency mask's matrices (DP-SAPF); all_attention: to_q/to_k/to_v/to_out.0 of "
-                        "every attention layer, no selection stage (the DP-LoRA baseline).")
+                        "every attention layer, no selection stage (the DP-LoRA baseline); warmup_select: LoRA on "
+                        "every --candidate_pool matrix for --warmup_select_steps DP-SGD steps, then only the top "
+                        "--select_ratio by the debiased squared norm of their noisy gradients, for the remaining "
+                        "steps: the selection is post-processing of DP-SGD's own output and costs no extra ε.")
+    g.add_argument("--warmup_select_steps", type=COUNT, default=None,
+                   help="W of --lora_target warmup_select (default: a tenth of --max_train_steps, at least 1).")
+    g.add_argument("--select_ratio", type=PROBABILITY, default=0.3,
+                   help="ρ of --lora_target warmup_select: keep the top ⌈ρ·M⌉ candidate matrices.")
+    g.add_argument("--candidate_pool", choices=["attention_qkv", "attention_qkvo"], default="attention_qkv",
+                   help="Candidates of --lora_target warmup_select (as select_salient.py's).")
     g.add_argument("--train_mode", choices=["lora", "direct", "full"], default="lora",
                    help="lora: train LoRA factors; direct: train the selected weight matrices themselves (the paper's "
                         "'w/o LoRA'; with all_attention the DP-LDM baseline); full: every denoiser parameter (DP-Finetune; "
@@ -139,6 +148,16 @@ def parse_args(argv=None):
         p.error("--lora_target mask needs --saliency_mask (run select_salient.py), or use --lora_target all_attention.")
     if args.train_mode == "full" and args.saliency_mask:
         p.error("--train_mode full trains every denoiser parameter; drop --saliency_mask.")
+    if args.lora_target == "warmup_select":
+        if args.saliency_mask or args.train_mode != "lora":
+            p.error("--lora_target warmup_select chooses its own matrices and trains LoRA: drop --saliency_mask and "
+                    "--train_mode.")
+        args.warmup_select_steps = args.warmup_select_steps or max(1, args.max_train_steps // 10)
+        if args.warmup_select_steps >= args.max_train_steps:
+            p.error(f"--warmup_select_steps {args.warmup_select_steps} leaves no step to train the selected matrices "
+                    f"(--max_train_steps {args.max_train_steps}).")
+    elif args.warmup_select_steps is not None:
+        p.error("--warmup_select_steps belongs to --lora_target warmup_select.")
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         p.error("--overwrite_output_dir starts a new run; it cannot --resume_from_checkpoint.")
     return args
@@ -213,25 +232,44 @@ def main(argv=None):
 
     # 3. The trainable tensors and, for DP, the per-sample engine.
     modeling.place(parts, device, weight_dtype)
-    target_modules = (list(mask["target_modules"]) if mask is not None else
-                      None if args.train_mode == "full" else list(saliency.candidate_modules(parts.denoiser, "attention_qkvo")))
-    named = modeling.make_trainable(parts.denoiser, args.train_mode, target_modules, args.rank, args.lora_alpha)
-    params = list(named.values())
-    model, engine = parts.denoiser, None
+    resume = run_folder.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    warmup = None  # --lora_target warmup_select: the scores of its first W steps, then its mask
+    if args.lora_target == "warmup_select":
+        candidates = saliency.candidate_modules(parts.denoiser, args.candidate_pool)
+        warmup = {"state": None, "kept": None}
+        if resume is not None:  # a checkpoint after step W trains only the matrices kept at W
+            warmup.update(run_folder.read_checkpoint_extra(resume).get("warmup") or {})
+        target_modules = warmup["kept"] or list(candidates)
+    else:
+        target_modules = (list(mask["target_modules"]) if mask is not None else
+                          None if args.train_mode == "full" else
+                          list(saliency.candidate_modules(parts.denoiser, "attention_qkvo")))
     # rows of one micro-batch: whole samples of K copies each, at most --max_physical_batch_size (at least one sample)
     padded_rows = max(1, args.max_physical_batch_size // args.noise_multiplicity) * args.noise_multiplicity
-    if private:
-        engine, model = per_sample.make_engine(args.per_sample_engine, parts.denoiser, params, compile=args.compile,
-                                               mixed_precision=accelerator.mixed_precision,
-                                               max_batch_size=padded_rows)
-    if args.compile:
-        model = torch.compile(model)
-    step_gradients = per_sample.StepGradients(
-        modeling.diffusion_loss_fn(model, parts.noise_scheduler, accelerator.autocast), params, private=private,
-        max_grad_norm=args.max_grad_norm, engine=engine, accelerator=accelerator, compile=args.compile,
-        clipping=args.clipping, automatic_gamma=args.automatic_clipping_gamma, multiplicity=args.noise_multiplicity)
+
+    def trainable(modules):
+        """LoRA (or the weights) of `modules`, their per-sample engine and the step that clips, sums and noises."""
+        named = modeling.make_trainable(parts.denoiser, args.train_mode, modules, args.rank, args.lora_alpha)
+        params = list(named.values())
+        model, engine = parts.denoiser, None
+        if private:
+            engine, model = per_sample.make_engine(args.per_sample_engine, parts.denoiser, params,
+                                                   compile=args.compile, mixed_precision=accelerator.mixed_precision,
+                                                   max_batch_size=padded_rows)
+        if args.compile:
+            model = torch.compile(model)
+        step_gradients = per_sample.StepGradients(
+            modeling.diffusion_loss_fn(model, parts.noise_scheduler, accelerator.autocast), params, private=private,
+            max_grad_norm=args.max_grad_norm, engine=engine, accelerator=accelerator, compile=args.compile,
+            clipping=args.clipping, automatic_gamma=args.automatic_clipping_gamma,
+            multiplicity=args.noise_multiplicity)
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return named, step_gradients, optimizer
+
+    named, step_gradients, optimizer = trainable(target_modules)
+    scores = saliency.NoisyGradientScores(named) if warmup is not None else None
     # A checkpoint to resume must hold this run's privacy parameters and tensors: checked before anything is written.
-    resume = run_folder.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume is not None:
         run_folder.check_checkpoint(
             resume, named, lambda state: privacy.PrivacyLedger.from_state_dict(state).check_compatible(ledger))
@@ -252,8 +290,6 @@ def main(argv=None):
             for old in run_folder.list_checkpoints(args.output_dir):
                 shutil.rmtree(old)
     try:
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                      num_training_steps=args.max_train_steps)
         first_step, dp_seed = 0, None
@@ -264,10 +300,13 @@ def main(argv=None):
                 resume, named, optimizer, lr_scheduler,
                 check_ledger=lambda state: privacy.PrivacyLedger.from_state_dict(state).check_compatible(ledger))
             first_step, dp_seed = saved["step"], saved["dp_seed"]
+            if warmup is not None and warmup["state"] is not None and warmup["kept"] is None:
+                scores.load_state_dict(warmup["state"])
             ledger.steps_done = first_step
             accelerator.print(f"Resumed from {resume} at step {first_step} (ε spent so far {ledger.epsilon_spent():.4g}).")
         if dp_seed is None:
             dp_seed = distributed.shared_secret_seed(accelerator, args.dp_seed)
+        noise_std = ledger.noise_multiplier * args.max_grad_norm / args.train_batch_size if private else 0.0
         if accelerator.is_main_process:
             accelerator.init_trackers("dp-sapf", config={k: v for k, v in vars(args).items()
                                                          if isinstance(v, (int, float, str, bool))})
@@ -290,10 +329,20 @@ def main(argv=None):
             loss_sum = step_gradients(batches, noise_multiplier=ledger.noise_multiplier,
                                       noise_generator=seeded_generator(dp_seed, "noise", step, device=device),
                                       expected_batch_size=args.train_batch_size, realised_batch_size=indices.shape[0])
+            if warmup is not None and warmup["kept"] is None:
+                scores.add_step(noise_std)  # reads only the noisy gradients the optimizer applies
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ledger.steps_done = step + 1
+            if warmup is not None and warmup["kept"] is None and step + 1 == args.warmup_select_steps:
+                warmup["state"] = scores.state_dict()
+                warmup["kept"] = saliency.rank_and_select(scores.scores, args.select_ratio, "matrix",
+                                                          saliency.DP_SGD_SCORER)
+                named, step_gradients, optimizer = keep_selected(parts.denoiser, named, warmup["kept"], trainable,
+                                                                 optimizer, lr_scheduler)
+                accelerator.print(f"Warm-up selection after {step + 1} DP-SGD steps: kept {len(warmup['kept'])} of "
+                                  f"{len(scores.scores)} matrices (post-processing of those steps: no extra ε).")
 
             loss = (accelerator.reduce(loss_sum, reduction="sum") / max(1, indices.shape[0])).item()  # syncs
             timings.unit_done(indices.shape[0])
@@ -305,8 +354,11 @@ def main(argv=None):
             accelerator.log(logs, step=step + 1)
             if (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.max_train_steps and \
                     accelerator.is_main_process:
+                if warmup is not None and warmup["kept"] is None:
+                    warmup["state"] = scores.state_dict()
                 run_folder.save_checkpoint(args.output_dir, step + 1, named, optimizer, lr_scheduler,
-                                           ledger.state_dict(), dp_seed, args.seed, keep=args.checkpoints_total_limit)
+                                           ledger.state_dict(), dp_seed, args.seed, keep=args.checkpoints_total_limit,
+                                           extra=None if warmup is None else {"warmup": warmup})
             if args.validation_steps and (step + 1) % args.validation_steps == 0 and accelerator.is_main_process:
                 render_validation(args, parts, prompts, accelerator, step + 1, weight_dtype)
                 parts.denoiser.train()
@@ -314,6 +366,8 @@ def main(argv=None):
         accelerator.wait_for_everyone()
 
         # 5. Outputs.
+        if warmup is not None:
+            mask = warmup_mask(args, parts.denoiser, candidates, warmup, ledger, n, class_names, prompts, parts.backbone)
         if accelerator.is_main_process:
             finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings,
                            base_signature)
@@ -323,6 +377,45 @@ def main(argv=None):
                                     traceback=traceback.format_exc())
         raise
     distributed.finish(accelerator)
+
+
+def keep_selected(denoiser, named, kept, trainable, optimizer, lr_scheduler):
+    """After the warm-up: LoRA on the kept matrices only, carrying their warm-up values and Adam moments; the
+    dropped matrices' LoRA is removed (reset to the base weights), so the release adapts only the kept ones."""
+    values = {k: p.detach().clone() for k, p in named.items()}
+    moments = {k: optimizer.state.get(p) for k, p in named.items()}
+    modeling.backbones.remove_lora(denoiser)
+    new_named, step_gradients, new_optimizer = trainable(kept)
+    with torch.no_grad():
+        for k, p in new_named.items():
+            p.copy_(values[k])
+            if moments[k]:
+                new_optimizer.state[p] = {name: v.clone() if torch.is_tensor(v) else v for name, v in moments[k].items()}
+    lr_scheduler.optimizer = new_optimizer  # the schedule goes on from the same step count
+    for group in new_optimizer.param_groups:
+        group["lr"] = lr_scheduler.get_last_lr()[0]
+    return new_named, step_gradients, new_optimizer
+
+
+def warmup_mask(args, denoiser, candidates, warmup, ledger, n, class_names, prompts, backbone) -> dict:
+    """The mask a warm-up selection chose, in the mask schema (mechanism dp_sgd_postprocessing: free here, and
+    refused as --saliency_mask of any other run, whose training would not account these steps)."""
+    state = warmup["state"]
+    result = saliency.SelectionResult(state["scores"], warmup["kept"], n)
+    record = {"mechanism": saliency.DP_SGD_MECHANISM, "warmup_steps": int(args.warmup_select_steps),
+              "noise_multiplier": float(ledger.noise_multiplier), "max_grad_norm": float(args.max_grad_norm),
+              "sample_rate": float(ledger.sample_rate), "dataset_size": int(n),
+              "neighbouring": "add/remove one image; N treated as public",
+              "note": "scores = sum over the first warmup_steps DP-SGD steps of |noisy gradient|^2 - d*(sigma*C/B)^2 "
+                      "per LoRA tensor: post-processing of steps this run's training accounts; no cost of its own"}
+    mask = saliency.build_mask(
+        base_model=args.pretrained_model_name_or_path, modules=candidates, pool=args.candidate_pool,
+        granularity="matrix", ratio=args.select_ratio, scorer=saliency.DP_SGD_SCORER, result=result, seed=None,
+        privacy_record=record, class_names=class_names, class_prompts=prompts, backbone=backbone.name,
+        pipeline_class=backbone.pipeline_class)
+    mask["per_sample"] = {"clipping": args.clipping, "noise_multiplicity": args.noise_multiplicity,
+                          "automatic_gamma": args.automatic_clipping_gamma if args.clipping == "automatic" else None}
+    return mask
 
 
 def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings,

@@ -226,6 +226,20 @@ def add_adapter(model, config) -> None:
     model.peft_config = {LORA_ADAPTER_NAME: config}
 
 
+def remove_lora(model) -> None:
+    """Take every LoRA layer out of the denoiser again (the base weights untouched), so that a new adapter can go
+    on other modules: diffusers' own helper, which works for peft-injected models (DiT) too."""
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(model)
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(model, attribute):
+            try:
+                delattr(model, attribute)
+            except AttributeError:
+                setattr(model, attribute, None)
+
+
 def save_lora(model, output_dir: str) -> str:
     """pytorch_lora_weights.safetensors in the format the backbone's loader reads, written atomically.
 

@@ -101,6 +101,12 @@ class SelectionCost:
         if not isinstance(record, dict):
             raise ValueError("The mask has no 'privacy' record: its selection cost is unknown.")
         mechanism, scorer = record.get("mechanism"), mask.get("scorer")
+        if mechanism == "dp_sgd_postprocessing":
+            raise ValueError(
+                f"This mask was chosen from the noisy gradients of the first {record.get('warmup_steps')} DP-SGD steps "
+                "of one train_dp_sapf.py run (--lora_target warmup_select): it is free only inside that run, whose "
+                "training accounts those steps. Another run on it would spend them again unaccounted; rerun with "
+                "--lora_target warmup_select, or select with select_salient.py.")
         if mechanism not in SELECTION_MECHANISMS + ("none",):
             raise ValueError(f"The mask's field 'privacy.mechanism' is {mechanism!r}; expected one of "
                              f"{', '.join(SELECTION_MECHANISMS + ('none',))}.")

@@ -124,7 +124,8 @@ def check_checkpoint(path: str, tensors: dict[str, torch.Tensor], check_ledger) 
 
 
 def save_checkpoint(output_dir: str, step: int, tensors: dict[str, torch.Tensor], optimizer, lr_scheduler,
-                    ledger_state: dict, dp_seed: int, public_seed: int, keep: int | None = None) -> str:
+                    ledger_state: dict, dp_seed: int, public_seed: int, keep: int | None = None,
+                    extra: dict | None = None) -> str:
     """Write checkpoint-{step} atomically: everything needed to continue bit for bit.
 
     It holds the secret DP seed (whoever has it can recompute every step's noise and sample), so the folder and
@@ -144,7 +145,8 @@ def save_checkpoint(output_dir: str, step: int, tensors: dict[str, torch.Tensor]
     ledger_path = os.path.join(tmp, "ledger.json")
     fd = os.open(ledger_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(atomic.dumps_json({"step": step, "dp_seed": dp_seed, "seed": public_seed, "ledger": ledger_state}))
+        f.write(atomic.dumps_json({"step": step, "dp_seed": dp_seed, "seed": public_seed, "ledger": ledger_state,
+                                   "extra": extra or {}}))
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), 0o600)
     shutil.rmtree(final, ignore_errors=True)
@@ -153,6 +155,14 @@ def save_checkpoint(output_dir: str, step: int, tensors: dict[str, torch.Tensor]
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def read_checkpoint_extra(path: str) -> dict:
+    """What a run stored beside its ledger (e.g. the warm-up selection's scores and kept matrices)."""
+    try:
+        return atomic.load_json(os.path.join(path, "ledger.json")).get("extra") or {}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Checkpoint {path} is unreadable ({type(err).__name__}: {err}).") from None
 
 
 def load_checkpoint(path: str, tensors: dict[str, torch.Tensor], optimizer, lr_scheduler, check_ledger) -> dict:

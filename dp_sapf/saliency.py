@@ -26,6 +26,8 @@ from .privacy import DATA_FREE_SCORERS  # synflow, random: they read no private 
 MASK_FORMAT_VERSION = 1
 CANDIDATE_POOLS = ("attention_qkv", "attention_qkvo", "all_linear")
 SCORERS = ("grad_norm", "grad_norm_debiased", "fisher", "snip", "synflow", "random")
+# train_dp_sapf.py --lora_target warmup_select: scores from DP-SGD's own noisy gradients (no query of its own)
+DP_SGD_SCORER, DP_SGD_MECHANISM = "dp_sgd_debiased", "dp_sgd_postprocessing"
 NOISY_ONLY_SCORERS = ("grad_norm_debiased",)  # defined by the Gaussian query's noise: no other mechanism
 MECHANISMS = ("gaussian", "exponential", "ptr")
 GRANULARITIES = ("matrix", "layer")
@@ -419,6 +421,37 @@ def derive_mask(source: dict, *, ratio: float, granularity: str, scorer: str) ->
             "derived_from": {"scorer": source["scorer"], "granularity": source["granularity"],
                              "select_ratio": source["select_ratio"],
                              "note": "re-ranked from the released noisy scores: post-processing, no privacy cost"}}
+
+
+class NoisyGradientScores:
+    """Per-matrix saliency from the noisy DP-SGD gradients of warm-up steps: post-processing, no privacy cost.
+
+    After each warm-up step every LoRA tensor's gradient is g̃ = (Σ_i clip(g_i) + N(0, σ²C²I)) / B, the released
+    output of a step already accounted. The score of matrix m adds, over its LoRA tensors and the warm-up steps,
+    ‖g̃‖² − d·(σC/B)², the squared norm minus the noise's expected share (d entries), so that matrices with more
+    LoRA entries do not win on noise alone. Only these noisy gradients are read: never a clean per-sample or
+    summed gradient (the test swaps the clean gradients for others with the same noisy sums and gets the same mask).
+    """
+
+    def __init__(self, named_params: dict[str, torch.Tensor]):
+        self.module_of = {name: name.split(".lora_", 1)[0] for name in named_params}
+        self.params = named_params
+        self.scores = {module: 0.0 for module in dict.fromkeys(self.module_of.values())}
+        self.steps = 0
+
+    def add_step(self, noise_std: float) -> None:
+        """Read p.grad (the noisy averaged gradient the optimizer is about to apply) of every tensor."""
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            self.scores[self.module_of[name]] += float(p.grad.float().pow(2).sum()) - p.numel() * noise_std ** 2
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"scores": dict(self.scores), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores, self.steps = dict(state["scores"]), int(state["steps"])
 
 
 def build_mask(*, base_model: str, modules: dict[str, nn.Linear], pool: str, granularity: str, ratio: float,

@@ -32,6 +32,10 @@ mechanisms spend --selection_share of it on the selection):
 
 and the fine-tuning-free baseline:
 
+  free_selection    LoRA on every q/k/v for the first T/10 DP-SGD steps, then only the top ρ by the debiased
+                    squared norm of those steps' noisy gradients (train_dp_sapf.py --lora_target warmup_select):
+                    the selection is post-processing of DP-SGD, so the whole ε goes to training
+
   pe                Private Evolution (private_evolution.py): the public model's text-to-image and image-to-image
                     APIs, guided by T noisy nearest-neighbour vote histograms; no training at all
 
@@ -69,7 +73,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 METHODS = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
-           "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "pe")
+           "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "pe",
+           "free_selection")
 MULTI_SEED = ("dp_sapf", "dp_lora")
 PRIVACY_FREE = ("no_finetune", "nonprivate_lora")  # one run each, whatever the ε
 SELECTION = {"dp_sapf": [], "random_selection": ["--scorer", "random"], "layer_selection": ["--granularity", "layer"],
@@ -82,7 +87,8 @@ TRAINING = {"nonprivate_lora": ["--lora_target", "all_attention", "--no_dp"], "d
             "wo_lora": ["--train_mode", "direct"],
             "dp_finetune": ["--train_mode", "full", "--lora_target", "all_attention", "--mixed_precision", "no"],
             "exponential_selection": [], "ptr_selection": [], "snip_selection": [], "synflow_selection": [],
-            "debiased_selection": []}
+            "debiased_selection": [], "free_selection": ["--lora_target", "warmup_select"]}
+WARMUP_SELECTION = ("free_selection",)  # choose their mask inside training, from DP-SGD's own noisy gradients
 COMPLETE = "complete"
 CLASS_PROMPTS = {"fashion_mnist": "fashion_mnist", "mnist5k": "mnist"}  # --dataset -> its built-in class prompts
 # --scale presets: defaults of the flags below (a flag given on the command line still wins). "cpu" is the scale
@@ -94,13 +100,15 @@ SCALES = {
                 classifier_width=1, rho_sweep=[0.1, 0.3, 0.5], fid_max_real=10000,
                 pe_iterations=5, pe_strength_start=0.8, pe_strength_end=0.4, finetune_learning_rate=1e-4,
                 work_dir=os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "compare_cpu"),
-                results_dir=os.path.join(REPO, "results", "compare_cpu"), clipping="flat"),
+                results_dir=os.path.join(REPO, "results", "compare_cpu"), clipping="flat",
+                methods=[m for m in METHODS if m != "free_selection"]),  # recipe 1 predates it
 }
 # Recipe 2 (docs/results.md says why recipe 1 was replaced and how this one was fixed before its runs): automatic
 # clipping in both stages, twice recipe 1's samples per step, the headline methods with three seeds each.
 SCALES["cpu_r2"] = {**SCALES["cpu"], "train_batch_size": 1000, "clipping": "automatic", "noise_multiplicity": 1,
-                    "methods": ["no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection"],
-                    "multi_seed": ["dp_sapf", "dp_lora", "random_selection"], "rho_sweep": [],
+                    "methods": ["no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection",
+                                "free_selection"],
+                    "multi_seed": ["dp_sapf", "dp_lora", "random_selection", "free_selection"], "rho_sweep": [],
                     "work_dir": os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "compare_cpu_r2"),
                     "results_dir": os.path.join(REPO, "results", "compare_cpu_r2")}
 
@@ -209,7 +217,7 @@ def plan(args) -> list[dict]:
             continue
         for eps in args.epsilons:
             for seed in (args.seeds if method in args.multi_seed else args.seeds[:1]):
-                rho = args.select_ratio if method in SELECTION else None
+                rho = args.select_ratio if method in SELECTION or method in WARMUP_SELECTION else None
                 runs.append({"method": method, "epsilon": eps, "seed": seed, "rho": rho})
     if "dp_sapf" in args.methods:
         for rho in args.rho_sweep:
@@ -301,7 +309,8 @@ def _execute_locked(run: dict, args, folder: str) -> dict:
     model_dir = os.path.join(folder, "model")
     if method not in ("no_finetune", "pe") and run_folder.read_status(model_dir) != COMPLETE:
         privacy = [] if run["epsilon"] is None else ["--target_epsilon", run["epsilon"]]
-        uses_mask = ["--saliency_mask", mask] if method in SELECTION else []
+        uses_mask = (["--saliency_mask", mask] if method in SELECTION else
+                     ["--select_ratio", run["rho"]] if method in WARMUP_SELECTION else [])
         steps = args.max_train_steps
         wall["train"] = call(script(
             "train_dp_sapf.py", *common, *uses_mask, *TRAINING[method], *privacy,
@@ -401,6 +410,8 @@ def record(run: dict, folder: str, wall: dict, args) -> dict:
     report_path = os.path.join(folder, "synthetic" if run["method"] == "pe" else "model", run_folder.REPORT_FILE)
     report = json.load(open(report_path)) if os.path.isfile(report_path) else None
     mask_path = os.path.join(folder, "mask.json")
+    if not os.path.isfile(mask_path):  # a warm-up selection's mask is written by the training run itself
+        mask_path = os.path.join(folder, "model", run_folder.MASK_FILE)
     mask = json.load(open(mask_path)) if os.path.isfile(mask_path) else None
     previous = os.path.join(args.results_dir, f"{run['name']}.json")
     if os.path.isfile(previous):  # a resumed run keeps the wall times of its earlier stages
