@@ -21,9 +21,11 @@ readable by its owner only and never part of the release).
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 from PIL import Image
@@ -132,32 +134,39 @@ def variation_api(img2img, images: list[Image.Image], prompts: list[str], labels
 # --------------------------------------------------------------------------------------------- state
 
 
-def state_paths(output_dir: str) -> tuple[str, str]:
-    folder = os.path.join(output_dir, STATE_DIR)
-    return os.path.join(folder, "state.json"), os.path.join(folder, "population.npz")
+def state_path(output_dir: str) -> str:
+    return os.path.join(output_dir, STATE_DIR, "state.npz")
 
 
 def save_state(output_dir: str, state: dict, images: list[Image.Image], labels: np.ndarray) -> None:
-    """The population after an iteration, with the secret seed: owner-only, written atomically."""
-    state_file, population_file = state_paths(output_dir)
-    os.makedirs(os.path.dirname(state_file), mode=0o700, exist_ok=True)
+    """The population after an iteration AND the iteration's record, in ONE file renamed into place: a kill at any
+    moment leaves either the old (population, iteration) pair or the new one, never a population of iteration t
+    with a record of t − 1 (a resume would then recompute iteration t on another vote vector with the same noise
+    draw, and two outputs with one noise reveal the exact difference of two vote vectors). Owner-only: it holds
+    the secret seed."""
+    path = state_path(output_dir)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     pixels = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
-    with atomic.replacing(population_file, mode=0o600) as tmp, open(tmp, "wb") as f:
-        np.savez(f, pixels=pixels, labels=labels)
-    atomic.write_json(state_file, state, mode=0o600)
+    with atomic.replacing(path, mode=0o600) as tmp, open(tmp, "wb") as f:
+        np.savez(f, pixels=pixels, labels=labels, state=np.array(atomic.dumps_json(state)))
 
 
 def load_state(output_dir: str, recipe: dict):
-    state_file, population_file = state_paths(output_dir)
-    if not os.path.isfile(state_file):
+    path = state_path(output_dir)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(output_dir, STATE_DIR, "state.json")):  # the two-file format: not trusted
+            raise ValueError(f"{output_dir}/{STATE_DIR} holds a PE state in the old two-file format, whose iteration "
+                             "may not match its population: it cannot be resumed safely. Delete that folder (or the "
+                             "whole --output_dir) and start the run again.")
         return None, None, None
-    state = atomic.load_json(state_file)
+    with np.load(path) as saved:
+        state = json.loads(str(saved["state"]))
+        pixels, labels = saved["pixels"], saved["labels"]
     changed = {k: (state["recipe"].get(k), v) for k, v in recipe.items() if state["recipe"].get(k) != v}
     if changed:
         raise ValueError(f"{output_dir} holds a PE run with other flags {changed} (saved, now): resume with the "
                          "same flags or choose another --output_dir.")
-    saved = np.load(population_file)
-    return state, [Image.fromarray(p) for p in saved["pixels"]], saved["labels"]
+    return state, [Image.fromarray(p) for p in pixels], labels
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -212,6 +221,10 @@ def main(argv=None):
     first = train.image(0)
     args.output_resolution = args.output_resolution or first.size[0]
     if run_folder.read_status(args.output_dir) == "complete":
+        if os.path.isdir(os.path.join(args.output_dir, STATE_DIR)):  # left by an older version's crash: a secret
+            shutil.rmtree(os.path.join(args.output_dir, STATE_DIR))
+            print(f"Removed the leftover {STATE_DIR}/ (it held the secret DP seed) from the finished release "
+                  f"{args.output_dir}.", file=sys.stderr)
         raise ValueError(f"{args.output_dir} already holds a finished PE release; choose another --output_dir.")
     ledger = privacy.PrivacyLedger.plan(dataset_size=n, expected_batch_size=n, steps=args.iterations,
                                         max_grad_norm=1.0, accountant=args.accountant, delta=args.target_delta,
@@ -288,8 +301,10 @@ def main(argv=None):
         sensitivity="one vote per private image per iteration: l2 sensitivity 1 (max_grad_norm records it)")
     final = [im.resize((args.output_resolution,) * 2, Image.Resampling.LANCZOS) for im in population]
     write_release(args.output_dir, final, labels, names, prompts, report)
+    # the secret seed goes BEFORE the folder says complete: a crash in between leaves an unfinished folder (a rerun
+    # starts afresh), never a finished release that still holds its secret
+    shutil.rmtree(os.path.join(args.output_dir, STATE_DIR))
     run_folder.write_status(args.output_dir, "complete")
-    shutil.rmtree(os.path.join(args.output_dir, STATE_DIR))  # it holds the secret seed; the release is complete
     print(f"Wrote {len(final)} images to {args.output_dir}: ε = {report['epsilon']:.4f} at δ = {report['delta']:.3g}")
     distributed.finish(accelerator)
 

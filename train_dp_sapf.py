@@ -122,6 +122,9 @@ def parse_args(argv=None):
     g.add_argument("--checkpointing_steps", type=COUNT, default=500,
                    help="Save a resumable checkpoint (LoRA, optimizer, scheduler, RNG, privacy ledger) every X steps.")
     g.add_argument("--checkpoints_total_limit", type=COUNT, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--stop_after_steps", type=COUNT, default=None,
+                   help="Stop after this many steps of this call, with a checkpoint, to fit a time slot; rerun the same "
+                        "command with --resume_from_checkpoint latest to continue exactly where it stopped.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help='"latest" or a checkpoint folder: continue exactly where it stopped, with the same privacy ledger.')
     g.add_argument("--validation_prompt", type=str, default=None,
@@ -318,7 +321,15 @@ def main(argv=None):
         progress = tqdm(range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
                         desc="DP-SGD" if private else "non-private", disable=not accelerator.is_main_process)
         timings.start_units()
+        stop_at = args.max_train_steps if args.stop_after_steps is None else \
+            min(args.max_train_steps, first_step + args.stop_after_steps)
         for step in range(first_step, args.max_train_steps):
+            if step == stop_at:  # a checkpoint of this very step is on disk (below): the next call resumes from it
+                progress.close()
+                accelerator.print(f"Stopped after step {step} (--stop_after_steps); rerun with "
+                                  "--resume_from_checkpoint latest to continue.")
+                distributed.finish(accelerator)
+                return
             indices = data.poisson_sample(n, ledger.sample_rate, seeded_generator(dp_seed, "poisson", step, device=device))
             batches = data.micro_batches(
                 cache, prompt_embeds, indices, rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -352,8 +363,8 @@ def main(argv=None):
             progress.set_postfix(loss=f"{loss:.4f}", eps=f"{spent:.3g}", batch=logs["batch"])
             progress.update(1)
             accelerator.log(logs, step=step + 1)
-            if (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.max_train_steps and \
-                    accelerator.is_main_process:
+            if ((step + 1) % args.checkpointing_steps == 0 or step + 1 == stop_at) and \
+                    step + 1 < args.max_train_steps and accelerator.is_main_process:
                 if warmup is not None and warmup["kept"] is None:
                     warmup["state"] = scores.state_dict()
                 run_folder.save_checkpoint(args.output_dir, step + 1, named, optimizer, lr_scheduler,
@@ -457,6 +468,7 @@ def finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask,
                          has_lora=args.train_mode == "lora", image_file=run_folder.GRID_FILE,
                          backbone=parts.backbone)
     summary = timings.summary()
+    run_folder.forget_checkpoint_secrets(args.output_dir)  # before 'complete': a finished folder holds no secret
     run_folder.write_status(args.output_dir, "complete", epsilon=report["epsilon"], delta=report["delta"],
                             timings=summary)
     accelerator.print(f"Throughput: {summary.get('steady_samples_per_s')} samples/s after {summary.get('warmup_steps')} "

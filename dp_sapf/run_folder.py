@@ -109,6 +109,9 @@ def check_checkpoint(path: str, tensors: dict[str, torch.Tensor], check_ledger) 
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"Checkpoint {path} is unreadable or incomplete ({type(err).__name__}: {err}).") from None
     check_ledger(check["ledger"])
+    if check["dp_seed"] is None:
+        raise ValueError(f"Checkpoint {path} belongs to a finished run: its secret DP seed was removed at the end, so "
+                         "it cannot be resumed. Start a new run (or sample from its weights).")
     weights = os.path.join(path, "trainable.safetensors")
     try:
         with safe_open(weights, "pt") as f:
@@ -157,6 +160,23 @@ def save_checkpoint(output_dir: str, step: int, tensors: dict[str, torch.Tensor]
     return final
 
 
+def forget_checkpoint_secrets(output_dir: str) -> None:
+    """At the end of a run: take the secret DP seed out of every checkpoint (whoever holds it can recompute every
+    step's noise and Poisson sample). The intermediate weights stay (post-processing of DP steps, like the final
+    ones); a checkpoint without its seed can no longer be resumed, which a finished run does not need."""
+    for folder in list_checkpoints(output_dir):
+        path = os.path.join(folder, "ledger.json")
+        try:
+            saved = atomic.load_json(path)
+        except (OSError, ValueError):
+            continue  # unreadable: it holds nothing we can read either; shutil would be next
+        if saved.get("dp_seed") is None:
+            continue
+        saved["dp_seed"] = None
+        saved["note"] = "the secret DP seed was removed when the run finished; this checkpoint cannot be resumed"
+        atomic.write_json(path, saved, mode=0o600)
+
+
 def read_checkpoint_extra(path: str) -> dict:
     """What a run stored beside its ledger (e.g. the warm-up selection's scores and kept matrices)."""
     try:
@@ -174,6 +194,9 @@ def load_checkpoint(path: str, tensors: dict[str, torch.Tensor], optimizer, lr_s
 
     saved = atomic.load_json(os.path.join(path, "ledger.json"))
     check_ledger(saved["ledger"])
+    if saved.get("dp_seed") is None:
+        raise ValueError(f"Checkpoint {path} belongs to a finished run: its secret DP seed was removed at the end, so "
+                         "it cannot be resumed. Start a new run (or sample from its weights).")
     stored = load_file(os.path.join(path, "trainable.safetensors"))
     if set(stored) != set(tensors):
         raise ValueError(f"Checkpoint {path} holds other trainable tensors than this run (another mask or mode?).")

@@ -3,7 +3,6 @@ that of its T DP-SGD steps alone, the mask is refused elsewhere, and a resume ac
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -40,8 +39,7 @@ def test_scores_read_only_the_noisy_gradients():
 
 def test_warmup_selection_run_costs_only_its_training_steps(tiny_pipeline_dir, fashion_data_dir, tmp_path):
     full, resumed, late = (str(tmp_path / name) for name in ("full", "resumed", "late"))
-    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *FREE,
-                                                    "--checkpointing_steps", "1"))
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *FREE))
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.load(open(os.path.join(full, "privacy_report.json")))
     mask = saliency.read_mask(os.path.join(full, "saliency_mask.json"))
@@ -62,10 +60,11 @@ def test_warmup_selection_run_costs_only_its_training_steps(tiny_pipeline_dir, f
                                                     "--saliency_mask", os.path.join(full, "saliency_mask.json"),
                                                     "--target_epsilon", "8"))
     assert res.returncode != 0 and "warmup_select" in res.stderr
-    # killed before the selection step (after step 1) or after it (after step 3): resuming gives the same run
-    for folder, checkpoint in ((resumed, "checkpoint-1"), (late, "checkpoint-3")):
-        os.makedirs(folder)
-        shutil.copytree(os.path.join(full, checkpoint), os.path.join(folder, checkpoint))
+    # stopped before the selection step (after step 1) or after it (after step 3): resuming gives the same run
+    for folder, stop in ((resumed, "1"), (late, "3")):
+        res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, folder, *FREE,
+                                                        "--stop_after_steps", stop))
+        assert res.returncode == 0 and f"Stopped after step {stop}" in res.stdout, res.stderr[-3000:]
         res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, folder, *FREE,
                                                         "--resume_from_checkpoint", "latest", "--dp_seed", "999"))
         assert res.returncode == 0, res.stderr[-3000:]

@@ -115,8 +115,10 @@ def test_script_resumes_per_iteration_and_evaluate_reads_its_output(tiny_pipelin
     res = run_script("private_evolution.py", _pe_args(tiny_pipeline_dir, fashion_data_dir, resumed,
                                                       "--stop_after_iterations", "1"))
     assert res.returncode == 0 and "Stopped after iteration 1" in res.stdout, res.stderr[-3000:]
-    state = os.path.join(resumed, "pe_state", "state.json")
-    assert json.load(open(state))["iteration"] == 1 and os.stat(state).st_mode & 0o077 == 0
+    state = os.path.join(resumed, "pe_state", "state.npz")
+    with np.load(state) as saved:
+        assert json.loads(str(saved["state"]))["iteration"] == 1 and os.stat(state).st_mode & 0o077 == 0
+    assert os.listdir(os.path.join(resumed, "pe_state")) == ["state.npz"]  # one record: population + iteration
     res = run_script("private_evolution.py", _pe_args(tiny_pipeline_dir, fashion_data_dir, resumed))
     assert res.returncode == 0 and "Resumed" in res.stdout, res.stderr[-3000:]
     from PIL import Image
@@ -135,3 +137,70 @@ def test_script_resumes_per_iteration_and_evaluate_reads_its_output(tiny_pipelin
                                      "--output_dir", str(tmp_path / "eval")])
     assert res.returncode == 0, res.stderr[-3000:]
     assert 0 <= json.load(open(tmp_path / "eval" / "metrics.json"))["accuracy_wrn"] <= 1
+
+
+def _population(seed, n=4):
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    return [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("crash_at", ["savez", "fsync", "replace"])
+def test_a_kill_while_saving_never_pairs_a_population_with_another_iteration(tmp_path, monkeypatch, crash_at):
+    """Issue: the old state was two files (population renamed into place, then state.json); a kill between them left
+    iteration t's population under a record of t - 1, and the resume reused iteration t's noise on another vote
+    vector. Now both are one file: a kill at any write leaves the previous (population, iteration) pair intact."""
+    import private_evolution as cli
+
+    out, recipe, labels = str(tmp_path / "pe"), {"iterations": 3}, np.arange(4) % 2
+    first = _population(1)
+    cli.save_state(out, {"recipe": recipe, "iteration": 1, "dp_seed": 5, "history": []}, first, labels)
+    target = {"savez": (np, "savez"), "fsync": (os, "fsync"), "replace": (os, "replace")}[crash_at]
+    real = getattr(*target)
+
+    def killed(*args, **kwargs):
+        if crash_at == "savez":  # part of the file is written, then the process dies
+            args[0].write(b"partial")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(*target, killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli.save_state(out, {"recipe": recipe, "iteration": 2, "dp_seed": 5, "history": [{}]}, _population(2), labels)
+    monkeypatch.setattr(*target, real)
+    state, population, saved_labels = cli.load_state(out, recipe)
+    assert state["iteration"] == 1
+    assert all((np.asarray(a) == np.asarray(b.convert("RGB"))).all() for a, b in zip(population, first))
+    assert (saved_labels == labels).all()
+    assert os.listdir(os.path.join(out, "pe_state")) == ["state.npz"]  # no temporary file is left behind
+
+
+def test_an_old_two_file_state_is_not_resumed(tmp_path):
+    import private_evolution as cli
+
+    os.makedirs(tmp_path / "pe" / "pe_state")
+    (tmp_path / "pe" / "pe_state" / "state.json").write_text('{"iteration": 1}')
+    with pytest.raises(ValueError, match="old two-file format"):
+        cli.load_state(str(tmp_path / "pe"), {})
+
+
+def test_the_secret_state_is_gone_before_the_release_says_complete(tiny_pipeline_dir, fashion_data_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    import private_evolution as cli
+    from dp_sapf import run_folder
+
+    out, seen = str(tmp_path / "pe"), []
+    real = run_folder.write_status
+
+    def recording(folder, status, **kw):
+        seen.append((status, os.path.isdir(os.path.join(folder, "pe_state"))))
+        return real(folder, status, **kw)
+
+    monkeypatch.setattr(run_folder, "write_status", recording)
+    cli.main(_pe_args(tiny_pipeline_dir, fashion_data_dir, out, "--iterations", "1"))
+    assert seen[-1] == ("complete", False)
+    # a finished folder that still holds a secret state (an older version's crash) is cleaned by a rerun
+    os.makedirs(os.path.join(out, "pe_state"))
+    with pytest.raises(ValueError, match="already holds a finished PE release"):
+        cli.main(_pe_args(tiny_pipeline_dir, fashion_data_dir, out, "--iterations", "1"))
+    assert not os.path.exists(os.path.join(out, "pe_state")) and "leftover" in capsys.readouterr().err

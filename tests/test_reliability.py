@@ -365,7 +365,12 @@ def world(tiny_pipeline_dir, fashion_data_dir, tiny_backbone_dirs, tmp_path_fact
                                                     "8", "--max_train_steps", "2", "--checkpointing_steps", "1"))
     assert res.returncode == 0, res.stderr[-3000:]
     w.killed = str(work / "killed")  # a run killed after step 1: only its checkpoint is there
-    shutil.copytree(os.path.join(w.run, "checkpoint-1"), os.path.join(w.killed, "checkpoint-1"))
+    stopped = str(work / "stopped")
+    res = run_script("train_dp_sapf.py", train_args(w.model, w.data, stopped, "--saliency_mask", w.mask,
+                                                    "--target_epsilon", "8", "--max_train_steps", "2",
+                                                    "--checkpointing_steps", "1", "--stop_after_steps", "1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    shutil.copytree(os.path.join(stopped, "checkpoint-1"), os.path.join(w.killed, "checkpoint-1"))
     w.failed = str(work / "failed")
     shutil.copytree(w.run, w.failed)
     json.dump({"status": "failed", "error": "RuntimeError: killed"}, open(os.path.join(w.failed, "run_status.json"), "w"))

@@ -74,15 +74,21 @@ def test_resume_equals_uninterrupted_run(tiny_pipeline_dir, fashion_data_dir, ma
     common = ["--saliency_mask", mask_path, "--target_epsilon", "8", "--checkpointing_steps", "2"]
     res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *common))
     assert res.returncode == 0, res.stderr[-3000:]
-    # the checkpoint holds the secret DP seed: owner-only
-    checkpoint = os.path.join(full, "checkpoint-2")
+    # a finished run keeps its checkpoints' weights but not the secret seed, and they cannot be resumed
+    assert json.load(open(os.path.join(full, "checkpoint-2", "ledger.json")))["dp_seed"] is None
+    # a run stopped after step 2: its checkpoint holds the secret DP seed, owner-only
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, resumed, *common,
+                                                    "--stop_after_steps", "2"))
+    assert res.returncode == 0 and "Stopped after step 2" in res.stdout, res.stderr[-3000:]
+    checkpoint = os.path.join(resumed, "checkpoint-2")
     assert stat.S_IMODE(os.stat(checkpoint).st_mode) == 0o700
     assert json.load(open(os.path.join(checkpoint, "ledger.json")))["dp_seed"] == 3
     for name in os.listdir(checkpoint):
         assert stat.S_IMODE(os.stat(os.path.join(checkpoint, name)).st_mode) == 0o600, name
-    # a run "killed" after step 2: only its checkpoint survives; resuming it must give the same result
-    os.makedirs(resumed)
-    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    assert not os.path.isfile(os.path.join(resumed, "pytorch_lora_weights.safetensors"))
+    killed = str(tmp_path / "killed")
+    shutil.copytree(checkpoint, os.path.join(killed, "checkpoint-2"))
+    # resuming it must give the same result as the uninterrupted run (the seed comes from the checkpoint)
     res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, resumed, *common,
                                                     "--resume_from_checkpoint", "latest", "--dp_seed", "999"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -93,8 +99,6 @@ def test_resume_equals_uninterrupted_run(tiny_pipeline_dir, fashion_data_dir, ma
     rb = json.load(open(os.path.join(resumed, "privacy_report.json")))
     assert ra["epsilon"] == rb["epsilon"] and rb["steps"] == 4
     # changing a privacy flag on resume is refused, before the killed run's folder is touched
-    killed = str(tmp_path / "killed")
-    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(killed, "checkpoint-2"))
     res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, killed, *common,
                                                     "--resume_from_checkpoint", "latest", "--max_grad_norm", "0.5"))
     assert res.returncode == 2 and "max_grad_norm" in res.stderr.strip().splitlines()[-1]
@@ -289,3 +293,15 @@ def test_accelerate_launch_on_one_cpu_thread_is_said(monkeypatch, capsys):
         assert capsys.readouterr().err == ""
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_finished_runs_checkpoint_is_not_resumed(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
+    """Its secret seed was removed when the run finished: a resume from it is refused before anything is written."""
+    full, other = str(tmp_path / "full"), str(tmp_path / "other")
+    common = ["--saliency_mask", mask_path, "--target_epsilon", "8", "--checkpointing_steps", "2"]
+    assert run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *common)).returncode == 0
+    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(other, "checkpoint-2"))
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, other, *common,
+                                                    "--resume_from_checkpoint", "latest"))
+    assert res.returncode == 2 and "finished run" in res.stderr
+    assert os.listdir(other) == ["checkpoint-2"]
