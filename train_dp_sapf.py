@@ -117,8 +117,14 @@ def parse_args(argv=None):
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="Replace a finished run in --output_dir (its checkpoints are deleted when the new run starts).")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir (never pushed).")
-    g.add_argument("--report_to", type=str, default="tensorboard",
-                   help='Tracker: "tensorboard", "wandb", "all" or "none". Logged loss is not private: keep logs internal.')
+    g.add_argument("--report_to", type=str, default=None,
+                   help='Tracker: "tensorboard", "wandb", "all" or "none" (default: tensorboard with --no_dp, none in a '
+                        'private run). The logged loss and realised batch sizes are NOT private: a private run refuses '
+                        'a tracker unless --log_nonprivate_metrics says so out loud.')
+    g.add_argument("--log_nonprivate_metrics", action="store_true",
+                   help="Allow --report_to in a private run although it records the exact (non-private) training loss "
+                        "and realised Poisson batch sizes of the sensitive data, under --output_dir/--logging_dir "
+                        "(tensorboard) or on the tracker's servers (wandb). Never publish those logs.")
     g.add_argument("--checkpointing_steps", type=COUNT, default=500,
                    help="Save a resumable checkpoint (LoRA, optimizer, scheduler, RNG, privacy ledger) every X steps.")
     g.add_argument("--checkpoints_total_limit", type=COUNT, default=None, help="Keep at most this many checkpoints.")
@@ -147,6 +153,12 @@ def parse_args(argv=None):
             args.no_dp = math.isinf(args.target_epsilon)  # 'inf' is the documented --no_dp
     except ValueError as err:
         p.error(str(err))
+    if args.report_to is None:
+        args.report_to = "tensorboard" if args.no_dp else "none"
+    elif args.report_to != "none" and not args.no_dp and not args.log_nonprivate_metrics:
+        p.error(f"--report_to {args.report_to} would record the exact training loss and batch sizes of the sensitive "
+                "data, which are not private (and wandb sends them off the machine). Add --log_nonprivate_metrics to "
+                "accept that, or use --report_to none.")
     if args.lora_target == "mask" and not args.saliency_mask:
         p.error("--lora_target mask needs --saliency_mask (run select_salient.py), or use --lora_target all_attention.")
     if args.train_mode == "full" and args.saliency_mask:

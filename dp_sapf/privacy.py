@@ -76,7 +76,8 @@ class SelectionCost:
             return orders * self.epsilon ** 2 / (8.0 * self.num_picks)
         if self.noise_multiplier == 0:
             return np.full_like(orders, np.inf)
-        return orders / (2.0 * self.noise_multiplier ** 2)
+        with np.errstate(divide="ignore", over="ignore"):  # an absurd σ_s gives inf, refused by the ledger
+            return orders / (2.0 * self.noise_multiplier ** 2)
 
     def approximate_dp(self, accountant: str) -> tuple[float, float]:
         """(ε, δ) added to the rest by basic composition: ptr always; the exponential mechanism's pure ε_s under
@@ -118,9 +119,12 @@ class SelectionCost:
                   "ptr": ("epsilon", "delta", "max_grad_norm", "dataset_size"), "none": ()}[mechanism]
         for name in needed:
             value = record.get(name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            # σ_s = 0 is a declared exact (non-private) mask; a zero ε_s, δ_s, C_s or N would read as a free selection
+            positive = name != "noise_multiplier"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    value < 0 or (positive and value == 0) or (name == "delta" and value >= 1):
                 raise ValueError(f"The mask's field 'privacy.{name}' is {value!r}: a {mechanism} selection needs it "
-                                 "(a finite number) to account its cost.")
+                                 f"(a finite number{' > 0' if positive else ' >= 0'}) to account its cost.")
         if mechanism == "none":
             return cls(None, "none", scorer=scorer)
         return cls(record.get("noise_multiplier"), mechanism, record.get("max_grad_norm"), scorer,
@@ -401,8 +405,18 @@ class PrivacyLedger:
                                                selection=selection, accountant=accountant)
         else:
             sigma = 0.0
-        return cls(noise_multiplier=sigma, sample_rate=q, max_grad_norm=max_grad_norm, delta=delta,
-                   accountant=accountant, steps_done=0, total_steps=steps, selection=selection)
+        ledger = cls(noise_multiplier=sigma, sample_rate=q, max_grad_norm=max_grad_norm, delta=delta,
+                     accountant=accountant, steps_done=0, total_steps=steps, selection=selection)
+        try:
+            final = ledger.epsilon_final() if ledger.private else 0.0
+        except (ZeroDivisionError, OverflowError, FloatingPointError):  # opacus' RDP divides by σ²
+            final = float("inf")
+        if not math.isfinite(final):
+            # a positive but absurd σ (e.g. 1e-200) or σ_s would otherwise report "private: true, epsilon: null"
+            raise ValueError(f"σ = {sigma:.3g} (selection σ_s = {getattr(selection, 'noise_multiplier', None)}) gives no "
+                             "finite ε at this δ: that is no privacy guarantee. Use a larger noise multiplier, a "
+                             "--target_epsilon, or --no_dp to train without privacy, said out loud.")
+        return ledger
 
     @property
     def private(self) -> bool:

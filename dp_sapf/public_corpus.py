@@ -214,7 +214,7 @@ def emoji_items(font_path: str) -> list[dict]:
 
 
 def mnist5k_items() -> list[dict]:
-    from .prepare_data import load_mnist5k
+    from .sources import load_mnist5k
 
     images, labels = load_mnist5k()["train"]  # the test split stays held out
     return [{"source": "mnist5k", "origin": f"train/{i:04d}", "category": "digits",

@@ -179,3 +179,22 @@ def test_cli_refuses_bad_privacy_flags(args, message):
         base += ["--target_epsilon", "3"]
     res = subprocess.run([sys.executable, "-m", "dp_sapf.privacy", *base, *args], capture_output=True, text=True)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("mechanism, field, value", [("exponential", "epsilon", 0), ("ptr", "epsilon", 0.0),
+                                                     ("ptr", "delta", 0), ("ptr", "delta", 1.0),
+                                                     ("gaussian", "max_grad_norm", 0), ("gaussian", "dataset_size", 0)])
+def test_a_selection_cost_never_reads_as_zero(mechanism, field, value):
+    """from_mask itself (not only the schema in front of it) refuses a cost figure that would read as free."""
+    record = {"mechanism": mechanism, "max_grad_norm": 1.0, "dataset_size": 100, "noise_multiplier": 5.0,
+              "epsilon": 1.0, "delta": 1e-3, "num_picks": 3}
+    record[field] = value
+    with pytest.raises(ValueError, match=f"privacy.{field}"):
+        SelectionCost.from_mask({"scorer": "grad_norm", "privacy": record})
+
+
+@pytest.mark.parametrize("sigma, sigma_s", [(1e-200, None), (1.0, 1e-200)])
+def test_an_absurd_noise_multiplier_is_refused_not_reported_as_private(sigma, sigma_s):
+    with pytest.raises(ValueError, match="no finite ε"):
+        privacy.PrivacyLedger.plan(dataset_size=1000, expected_batch_size=100, steps=10, max_grad_norm=1.0,
+                                   noise_multiplier=sigma, selection=SelectionCost(sigma_s) if sigma_s else None)

@@ -208,6 +208,14 @@ CASES = [
       ["--saliency_mask", "{masks}/epsilon_null.json"], "field 'privacy.epsilon'", deep=True),
     T("mask_old_version", "a mask of another format_version", ["--saliency_mask", "{masks}/old_version.json"],
       "field 'format_version'", deep=True),
+    T("mask_sigma_s_absurd", "a mask whose σ_s is 1e-200 (no finite ε)", ["--saliency_mask", "{masks}/sigma_s_tiny.json"],
+      "gives no finite ε", deep=True),
+    T("sigma_absurd", "--noise_multiplier 1e-200 (no finite ε)", ["--noise_multiplier", "1e-200"],
+      "gives no finite ε", deep=True),
+    T("tracker_in_private_run", "--report_to wandb in a private run (logs the non-private loss)",
+      ["--report_to", "wandb"], "--log_nonprivate_metrics"),
+    T("mask_from_warmup", "a warm-up selection's mask reused by another run",
+      ["--saliency_mask", "{masks}/warmup.json"], "warmup_select", deep=True),
     T("finished_run", "--output_dir that holds a finished run", ["--output_dir", "{run}"],
       "already holds a finished run", deep=True),
     T("output_dir_is_file", "--output_dir that is a file", ["--output_dir", "{a_file}"], "is a file", deep=True),
@@ -301,6 +309,8 @@ CASES = [
       "--noise_multiplier must be a finite number > 0"),
     M("pe_threshold_inf", "private_evolution.py", "--count_threshold inf",
       [*PE, "--target_epsilon", "5", "--count_threshold", "inf"], "--count_threshold must be a finite number"),
+    M("pe_sigma_absurd", "private_evolution.py", "--noise_multiplier 1e-200 (no finite ε)",
+      [*PE, "--noise_multiplier", "1e-200"], "gives no finite ε", deep=True),
     M("pe_two_budgets", "private_evolution.py", "both --target_epsilon and --noise_multiplier",
       [*PE, "--target_epsilon", "5", "--noise_multiplier", "2"], "exactly one of --target_epsilon or --noise_multiplier"),
     M("compare_epsilon_nan", "experiments/compare.py", "--epsilons nan", ["plan", "--epsilons", "nan"],
@@ -394,6 +404,10 @@ def world(tiny_pipeline_dir, fashion_data_dir, tiny_backbone_dirs, tmp_path_fact
     variant("no_sigma", lambda m: m["privacy"].pop("noise_multiplier"))
     variant("none_mechanism", lambda m: m["privacy"].update(mechanism="none"))
     variant("old_version", lambda m: m.update(format_version=0))
+    variant("sigma_s_tiny", lambda m: m["privacy"].update(noise_multiplier=1e-200))
+    variant("warmup", lambda m: m.update(scorer="dp_sgd_debiased", privacy={
+        "mechanism": "dp_sgd_postprocessing", "warmup_steps": 2, "noise_multiplier": 1.0, "max_grad_norm": 1.0,
+        "sample_rate": 0.2, "dataset_size": 40, "neighbouring": "add/remove", "note": "..."}))
     variant("epsilon_null", lambda m: m.update(scores={}, ranking=list(m["target_modules"]), privacy={
         "mechanism": "exponential", "max_grad_norm": 1.0, "dataset_size": 40, "neighbouring": "add/remove",
         "noise_multiplier": None, "epsilon": None, "score_sensitivity": 0.025, "num_picks": 20, "rdp": "..."}))
