@@ -175,7 +175,8 @@ def main(argv=None):
             if args.fid_max_real is not None and args.fid_max_real < len(split):
                 # one fixed subset (seed 0), whatever --seed: FIDs of different runs stay comparable
                 chosen = np.sort(np.random.default_rng(0).choice(len(split), args.fid_max_real, replace=False))
-            whole = {"source": source, "config": args.dataset_config_name, "split": split_name, "n": len(split)}
+            # keyed by the split's content (never its path): another dataset never reuses these features
+            whole = {"content": split.content_digest(show_progress=True), "split": split_name, "n": len(split)}
             key = {**whole, **({"subset": len(chosen)} if len(chosen) < len(split) else {})}
             # the whole split's features, when cached (private_evolution.py caches them), hold the subset's rows
             feats = metrics.load_cached_features(whole, args.cache_dir)

@@ -319,8 +319,9 @@ def private_embeddings(args, train) -> np.ndarray:
     images = (train.image(i) for i in range(len(train)))
     if args.embedding == "pixels":
         return pe.pixel_embedding(images)
-    source = args.train_data_dir and os.path.abspath(args.train_data_dir) or args.dataset_name
-    key = {"source": source, "config": args.dataset_config_name, "split": "train", "n": len(train)}
+    # keyed by the images' content (as evaluate.py's FID features): a dataset at the same path or of the same size
+    # never reuses another's features
+    key = {"content": train.content_digest(show_progress=True), "split": "train", "n": len(train)}
     model = metrics.load_inception()
     return metrics.cached_features(key, lambda resume: metrics.inception_features(
         images, model, args.embedding_batch_size, desc="Inception (private)", total=len(train), resume_path=resume),

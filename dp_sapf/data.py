@@ -113,6 +113,18 @@ class LabelledImages:
         except Exception as err:  # PIL and datasets raise many kinds (UnidentifiedImageError, OSError, ...)
             raise ValueError(f"Cannot read image {self._describe(i)}: {type(err).__name__}: {err}") from None
 
+    def content_digest(self, show_progress: bool = False) -> str:
+        """sha256 of every image's decoded pixels (mode, size, bytes) and label, in order: what a cache of features
+        of this split is keyed by, so another dataset at the same path, or of the same size, never reuses them."""
+        from tqdm.auto import tqdm
+
+        total = hashlib.sha256()
+        for i in tqdm(range(len(self)), desc="Fingerprinting images", disable=not show_progress):
+            image = self.image(i)
+            total.update(hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).digest())
+            total.update(int(self.labels[i]).to_bytes(8, "little"))
+        return total.hexdigest()
+
     def _describe(self, i: int) -> str:
         import datasets
 

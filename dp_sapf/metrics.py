@@ -132,7 +132,7 @@ def inception_features(images, model=None, batch_size: int = 50, device="cpu", d
     def save():
         from .atomic import replacing
 
-        with replacing(resume_path) as tmp:
+        with replacing(resume_path, mode=0o600) as tmp:  # partial features of private images: owner-only
             np.savez(tmp, features=np.concatenate(feats))
 
     def flush():
@@ -189,7 +189,8 @@ def load_cached_features(key: dict, cache_dir: str | None) -> np.ndarray | None:
 
 
 def cached_features(key: dict, compute, cache_dir: str | None) -> np.ndarray:
-    """Features of a real set, cached on disk under a hash of what identifies it.
+    """Features of a real set, cached on disk under a hash of what identifies it (callers key real splits by their
+    content, `LabelledImages.content_digest`), in an owner-only folder, files 0600 (private images' features).
 
     compute(resume_path) computes them; resume_path (None without a cache) keeps the partial features of an
     interrupted call (`inception_features`), deleted once the whole set is cached.
@@ -200,12 +201,13 @@ def cached_features(key: dict, compute, cache_dir: str | None) -> np.ndarray:
     if found is not None:
         return found
     path = _cache_path(key, cache_dir)
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    os.chmod(cache_dir, 0o700)  # features of private images: owner-only, like the latent cache
     partial = path[:-len(".npz")] + ".partial.npz"
     features = compute(partial)
     from .atomic import replacing
 
-    with replacing(path) as tmp:  # its name ends in .npz, so np.savez keeps it
+    with replacing(path, mode=0o600) as tmp:  # its name ends in .npz, so np.savez keeps it
         np.savez(tmp, features=features, key=json.dumps(key))
     if os.path.isfile(partial):
         os.remove(partial)

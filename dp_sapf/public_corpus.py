@@ -159,6 +159,26 @@ def visible_fraction(image: Image.Image) -> float:
     return float((luminance(np.asarray(image, dtype=np.float32) / 255.0) > 0.1).mean())
 
 
+SENSITIVE_FINGERPRINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                      "sensitive_fingerprints.npz")
+
+
+def content_fingerprint(image: Image.Image) -> int:
+    """A 64-bit key of an image's content at Fashion-MNIST's shape: grey, 28 px (box filter), 4 bits per pixel.
+
+    Re-encoded, recoloured to RGB or integer-upscaled copies of a 28-px grey image get the same key, so a sensitive
+    image that found its way into a public folder is recognised whatever file it sits in."""
+    small = np.asarray(image.convert("L").resize((28, 28), Image.Resampling.BOX), dtype=np.uint8) >> 4
+    return int.from_bytes(hashlib.blake2b(small.tobytes(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def sensitive_fingerprints(path: str = SENSITIVE_FINGERPRINTS) -> np.ndarray:
+    """The committed keys of every image of the sensitive sets the project ships commands for (Fashion-MNIST train
+    and test, written by `write_sensitive_fingerprints`), sorted: the builder never opens those sets."""
+    with np.load(path) as saved:
+        return saved["keys"]
+
+
 def thumbnail_key(image: Image.Image) -> str:
     """Duplicate key: the 16-px thumbnail at 4 bits per channel."""
     small = np.asarray(image.resize((16, 16), Image.Resampling.BOX), dtype=np.uint8) >> 4
@@ -221,11 +241,13 @@ def mnist5k_items() -> list[dict]:
              "text": f"An image of a handwritten digit {int(y)}", "pixels": images[i]} for i, y in enumerate(labels)]
 
 
-def render_item(item: dict) -> tuple[Image.Image | None, str | None]:
-    """(32-px RGB image, None) or (None, reason it was dropped)."""
+def render_item(item: dict) -> tuple[Image.Image | None, str | None, int | None]:
+    """(32-px RGB image, None, content key of the source) or (None, reason it was dropped, key or None)."""
+    key = None
     try:
         if item["source"] == "mnist5k":
             image = Image.fromarray(item["pixels"], "L").convert("RGB")
+            key = content_fingerprint(image)
         elif item["source"] == "emoji":
             font = ImageFont.truetype(item["path"], EMOJI_RENDER_SIZE)
             image = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
@@ -236,25 +258,27 @@ def render_item(item: dict) -> tuple[Image.Image | None, str | None]:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(item["path"]) as raw:
                     raw.load()
+                    if max(raw.size) <= 8 * RESOLUTION * 8:
+                        key = content_fingerprint(raw)
                     if max(raw.size) > 8 * RESOLUTION * 8:  # shrink huge drawings before the float maths
                         factor = max(raw.size) // (8 * RESOLUTION * 4)
                         raw = raw.convert("RGBA").reduce(factor)
                     image = to_dark_background(raw)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None, "decompression-bomb guard (PIL refuses the pixel count)"
+        return None, "decompression-bomb guard (PIL refuses the pixel count)", key
     except (OSError, ValueError, SyntaxError) as err:
-        return None, f"unreadable ({type(err).__name__})"
+        return None, f"unreadable ({type(err).__name__})", key
     if item["source"] == "mnist5k":
-        return image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC), None
+        return image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC), None, key
     canvas = fit_to_canvas(image)
     if canvas is None or visible_fraction(canvas) < MIN_VISIBLE_FRACTION:
-        return None, "near-empty at 32 px"
-    return canvas, None
+        return None, "near-empty at 32 px", key
+    return canvas, None, key
 
 
-def _render_for_pool(item: dict) -> tuple[bytes | None, str | None]:
-    image, reason = render_item(item)
-    return (image.tobytes() if image is not None else None), reason
+def _render_for_pool(item: dict) -> tuple[bytes | None, str | None, int | None]:
+    image, reason, key = render_item(item)
+    return (image.tobytes() if image is not None else None), reason, key
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -278,6 +302,7 @@ def collect_items(sources, *, openclipart_dir: str = OPENCLIPART_DIR, emoji_font
 def build_corpus(output_dir: str, sources=SOURCES, *, workers: int = 2, **paths) -> dict:
     """Write the captioned imagefolder atomically (all or nothing) and return its datasheet."""
     items = collect_items(list(sources), **paths)
+    sensitive = sensitive_fingerprints()
     kept, dropped, seen, per_source = [], Counter(), {}, Counter()
     examples_dropped: dict[str, list[str]] = {}
     parent = os.path.dirname(os.path.abspath(output_dir))
@@ -291,8 +316,11 @@ def build_corpus(output_dir: str, sources=SOURCES, *, workers: int = 2, **paths)
                 results = pool.map(_render_for_pool, items, chunksize=16)
             else:
                 results = map(_render_for_pool, items)
-            for item, (raw, reason) in tqdm(zip(items, results), total=len(items), desc="Public corpus",
-                                            dynamic_ncols=True):
+            for item, (raw, reason, content) in tqdm(zip(items, results), total=len(items), desc="Public corpus",
+                                                     dynamic_ncols=True):
+                if content is not None and _is_sensitive(content, sensitive):
+                    raise ValueError(f"{item['source']}:{item['origin']} is an image of a sensitive dataset "
+                                     "(Fashion-MNIST, by content): the public corpus never holds one. Remove it.")
                 if raw is not None and item["text"] is None:
                     raw, reason = None, "no English word in its path"
                 if raw is not None:
@@ -321,6 +349,28 @@ def build_corpus(output_dir: str, sources=SOURCES, *, workers: int = 2, **paths)
             json.dump(sheet, f, indent=2, ensure_ascii=False, allow_nan=False)
         atomic.replace_folder(tmp, output_dir)
     return sheet
+
+
+def _is_sensitive(key: int, sorted_keys: np.ndarray) -> bool:
+    at = np.searchsorted(sorted_keys, key)
+    return bool(at < len(sorted_keys) and sorted_keys[at] == key)
+
+
+def write_sensitive_fingerprints(path: str = SENSITIVE_FINGERPRINTS) -> int:
+    """Maintainers: the keys of Fashion-MNIST's 70,000 images (train and test), sorted, into `path`. Committed so that
+    the builder checks content without opening the sensitive set. (For a truly private dataset such a list would
+    itself be sensitive, a membership oracle: keep it local, never publish it.)"""
+    from .sources import load_fashion_mnist
+
+    splits = load_fashion_mnist()
+    keys = np.unique(np.array([content_fingerprint(Image.fromarray(im, "L")) for images, _ in splits.values()
+                               for im in images], dtype=np.int64))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    from .atomic import replacing
+
+    with replacing(path) as tmp:
+        np.savez_compressed(tmp, keys=keys)
+    return len(keys)
 
 
 def datasheet(items, kept, dropped, examples_dropped, sources) -> dict:
@@ -375,7 +425,9 @@ def datasheet_markdown(sheet: dict, command: str) -> str:
              "model (`models/tiny-sd-public`, docs/public_model.md) is pretrained on: our small LAION, built offline "
              "from Debian packages. **It holds no image of any sensitive set**: no Fashion-MNIST image, train or test "
              "(the builder refuses the path of Debian's `dataset-fashion-mnist`, and tests/test_public_corpus.py "
-             "checks with an audit hook that no file of it is opened during a build).", "",
+             "checks with an audit hook that no file of it is opened during a build; it also refuses any source "
+             "image whose content matches one of Fashion-MNIST's 70,000 images, from a committed key list, "
+             "`dp_sapf/data/sensitive_fingerprints.npz`, whatever its path or encoding).", "",
              "```bash", command, "```", "", "![random corpus images per source](public_corpus_grid.png)", "",
              "## Sources and licences", "", "| source | licence | files read | kept |", "|---|---|---|---|"]
     for source, licence in sheet["sources"].items():

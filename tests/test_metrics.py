@@ -1,9 +1,11 @@
 """evaluate.py and dp_sapf.metrics: FID against an independent float64 reference, the Inception hash check,
 classifiers that learn, and clear errors on bad synthetic sets."""
 
+import argparse
 import json
 import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -161,11 +163,37 @@ def test_evaluate_end_to_end(fashion_data_dir, tmp_path):
     res = run_script("evaluate.py", eval_args(fashion_data_dir, synthetic, out, "--skip_accuracy", "--fid_max_real", "20"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert set(os.listdir(os.path.join(out, "cache"))) == cached
-    key = {"source": os.path.abspath(fashion_data_dir), "config": None, "split": "train", "n": 40}
+    from dp_sapf import data
+
+    train = data.load_labelled_images(argparse.Namespace(train_data_dir=fashion_data_dir, dataset_name=None,
+                                                         dataset_config_name=None, image_column="image",
+                                                         label_column="label", cache_dir=None), "train",
+                                      class_names=list(data.BUILTIN_CLASS_PROMPTS["fashion_mnist"]))
+    key = {"content": train.content_digest(), "split": "train", "n": 40}
     whole = metrics.load_cached_features(key, os.path.join(out, "cache"))
     half = whole[np.sort(np.random.default_rng(0).choice(40, 20, replace=False))]
     fid = json.load(open(os.path.join(out, "metrics.json")))["fid_train"]
     assert fid > 1.0 and fid == pytest.approx(metrics.fid_from_features(whole, half), rel=1e-6)
+    # features of private images: an owner-only folder, files 0600
+    cache = os.path.join(out, "cache")
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    features = [f for f in os.listdir(cache) if f.startswith("inception-")]
+    assert features and all(stat.S_IMODE(os.stat(os.path.join(cache, f)).st_mode) == 0o600 for f in features)
+
+
+def test_cached_features_are_keyed_by_content_not_path(fashion_data_dir, tmp_path):
+    """Another dataset at the same path with the same number of images must not reuse the first one's features."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(fashion_data_dir, data_dir)
+    synthetic = copy_real_as_synthetic(fashion_data_dir, tmp_path / "syn")
+    out = str(tmp_path / "eval")
+    assert run_script("evaluate.py", eval_args(str(data_dir), synthetic, out, "--skip_accuracy")).returncode == 0
+    assert abs(json.load(open(os.path.join(out, "metrics.json")))["fid_train"]) < 1e-3
+    for root, _, files in os.walk(data_dir / "train"):  # the same path and size, other images
+        for f in files:
+            Image.fromarray(255 - np.asarray(Image.open(os.path.join(root, f)))).save(os.path.join(root, f))
+    assert run_script("evaluate.py", eval_args(str(data_dir), synthetic, out, "--skip_accuracy")).returncode == 0
+    assert json.load(open(os.path.join(out, "metrics.json")))["fid_train"] > 1.0  # recomputed, not the stale ones
 
 
 def test_evaluate_bad_inputs(fashion_data_dir, tmp_path):

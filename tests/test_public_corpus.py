@@ -116,7 +116,29 @@ print(json.dumps({{"kept": sheet["kept"], "opened": opened}}))
 def test_emoji_render_in_colour_on_black():
     items = {it["text"]: it for it in pc.emoji_items(pc.EMOJI_FONT)}
     assert len(items) > 1000
-    image, reason = pc.render_item(items["An image of a t-shirt"])
+    image, reason, _ = pc.render_item(items["An image of a t-shirt"])
     pixels = np.asarray(image)
     assert reason is None and pixels.shape == (32, 32, 3)
     assert pixels[0, 0].max() == 0 and pixels[16, 16].max() > 100
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize("planted", ["as_is", "upscaled_rgb"])
+def test_a_sensitive_image_in_a_public_folder_is_refused_by_content(tmp_path, planted):
+    """The real builder (two worker processes) recognises a Fashion-MNIST image by content, whatever its path and
+    encoding, from the committed key list: it never opens the sensitive set itself."""
+    from dp_sapf.sources import load_fashion_mnist
+
+    image = Image.fromarray(load_fashion_mnist()["test"][0][123], "L")  # read here, by the test, not the builder
+    if planted == "upscaled_rgb":
+        image = image.convert("RGB").resize((112, 112), Image.Resampling.NEAREST)
+    root = _fake_clipart(str(tmp_path / "clipart"))
+    os.makedirs(f"{root}/people/clothing", exist_ok=True)
+    image.save(f"{root}/people/clothing/blue_shoe.png")
+    words = tmp_path / "words"
+    words.write_text("\n".join(sorted(WORDS)) + "\n")
+    with pytest.raises(ValueError, match="blue_shoe.png is an image of a sensitive dataset"):
+        pc.build_corpus(str(tmp_path / "c"), ["openclipart"], workers=2, openclipart_dir=root, words_file=str(words))
+    assert not os.path.exists(tmp_path / "c")
+    assert len(pc.sensitive_fingerprints()) == 70000
