@@ -54,16 +54,26 @@ def _privacy_section(report: dict, class_prompts: list[str]) -> str:
         f"| stage | figure |\n|---|---|\n"
         f"| saliency selection | {selection_summary(report)}, scorer {mask.get('scorer', 'none')}, "
         f"ε alone = {split.get('epsilon_selection_only', 0):.4g} |\n"
-        f"| DP-SGD | σ = {report['noise_multiplier']:.4g}, C = {report['max_grad_norm']}, q = {report['sample_rate']:.4g}, "
-        f"T = {report['steps']}, ε alone = {split.get('epsilon_training_only', 0):.4g} |\n"
+        f"| DP-SGD | σ = {report['noise_multiplier']:.4g}, C = {report['max_grad_norm']}{clip_rule(report)}, "
+        f"q = {report['sample_rate']:.4g}, T = {report['steps']}, ε alone = {split.get('epsilon_training_only', 0):.4g} |\n"
         f"| selection share of the budget | {split.get('selection_share', 0):.1%} |\n\n{trained}\n\n"
         "The guarantee covers these weights and anything generated from them. It does not cover training logs "
         "(the logged loss and batch sizes are not private) or checkpoints, which are never uploaded.\n")
 
 
+def clip_rule(report: dict) -> str:
+    """', automatic clipping (γ = 0.01), K = 8' etc., for reports that record them."""
+    clipping, k = report.get("clipping") or {}, report.get("noise_multiplicity") or 1
+    rule = {"automatic": f", automatic clipping (γ = {clipping.get('automatic_gamma')})",
+            "flat": ", flat clipping"}.get(clipping.get("rule"), "")
+    return rule + (f", noise multiplicity K = {k}" if k > 1 else "")
+
+
 def selection_summary(report: dict) -> str:
     """The selection's mechanism and its parameter, as the card's table names them."""
     mechanism = report.get("selection_mechanism")
+    if (report.get("mask") or {}).get("scorer") == "dp_sgd_debiased":
+        return "from the noisy gradients of the first DP-SGD steps (post-processing, no cost of its own)"
     if mechanism == "exponential":
         return f"exponential mechanism, ε_s = {report.get('selection_epsilon')} (pure, all picks)"
     if mechanism == "ptr":
@@ -71,6 +81,22 @@ def selection_summary(report: dict) -> str:
     if mechanism == "gaussian":
         return f"Gaussian, σ_s = {report.get('selection_noise_multiplier')}"
     return "none" if mechanism is None else "data-independent (free)"
+
+
+def base_model_license(base_model: str) -> str | None:
+    """The licence the base model's own card declares (a local folder's README.md, or the Hub's card when online):
+    a fine-tune inherits it, so the card must not claim another (SD3 and DiT bases have their own)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        if os.path.isdir(base_model):
+            readme = os.path.join(base_model, "README.md")
+            return ModelCard.load(readme).data.license if os.path.isfile(readme) else None
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            return None
+        return ModelCard.load(base_model).data.license
+    except Exception:  # no card, no network, a malformed header: the licence is unknown, said so below
+        return None
 
 
 def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, report: dict,
@@ -97,9 +123,13 @@ def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, r
     widget = [{"text": class_prompts[0], "output": {"url": image_file}}] if image_file else None
     # a repo id, never the folder: offline it falls back to the template (a local path is not a valid repo id)
     repo_name = repo_id or os.path.basename(os.path.abspath(output_dir))
+    licence = base_model_license(base_model)
+    if licence is None:
+        text += (f"\n## Licence\nThe licence of the base model `{base_model}` applies to this fine-tune; its card "
+                 "declared none that could be read here, so check it before you publish.\n")
     card = load_or_create_model_card(repo_id_or_path=repo_name, from_training=True,
                                      base_model=base_model, model_description=text,
-                                     license="creativeml-openrail-m", widget=widget, inference=True)
+                                     license=licence or "other", widget=widget, inference=True)
     tags = {"sd": ["stable-diffusion", "text-to-image"], "sd3": ["sd3", "text-to-image"],
             "dit": ["dit", "class-conditional-image-generation"]}[backbone.name]
     tags += ["diffusers", "diffusers-training",
@@ -118,6 +148,7 @@ def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, r
         "max_grad_norm": report["max_grad_norm"], "sample_rate": report["sample_rate"], "steps": report["steps"],
         "dataset_size": report["dataset_size"], "selection_share": split.get("selection_share"),
         "neighbouring": "add/remove one image" if private else None,
+        "clipping": report.get("clipping"), "noise_multiplicity": report.get("noise_multiplicity"),
     }
     path = os.path.join(output_dir, "README.md")
     return atomic.write_text(path, str(card))  # what card.save writes, atomically

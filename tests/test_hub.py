@@ -29,3 +29,19 @@ def test_push_uploads_release_files_only(tmp_path, monkeypatch):
     uploaded = {f for f in every_file if any(fnmatch.fnmatch(f, p) for p in patterns)}
     assert {"pytorch_lora_weights.safetensors", "privacy_report.json", "README.md"} <= uploaded
     assert not any(f.startswith(("checkpoint-", "logs")) for f in uploaded), uploaded
+
+
+def test_the_card_carries_the_base_models_own_licence(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a base model\n")
+    report = {"private": False, "epsilon": None, "budget_split": {}, "noise_multiplier": 0.0, "dataset_size": 40,
+              "train_mode": "lora", "lora_target": "all_attention", "max_grad_norm": None, "sample_rate": 0.1,
+              "steps": 2}
+    for model, expected in ((str(base), "apache-2.0"), (str(tmp_path / "no-card"), "other")):
+        out = tmp_path / f"run-{expected}"
+        out.mkdir()
+        card = open(hub.write_model_card(str(out), repo_id=None, base_model=model, report=report,
+                                         class_prompts=["An image of a bag"], has_lora=True)).read()
+        assert f"license: {expected}" in card and "openrail" not in card
+        assert ("check it before you publish" in card) == (expected == "other")
