@@ -63,7 +63,8 @@ def parse_args(argv=None):
                    help="ε_s of the exponential mechanism (all picks together) or of PTR's test. Required by them.")
     g.add_argument("--selection_delta", type=PROBABILITY, default=None,
                    help="δ_s of PTR (default 1/(10N), leaving 0.9/N of the default δ = 1/N for training).")
-    g.add_argument("--selection_batch_size", type=COUNT, default=16,
+    g.add_argument("--selection_batch_size", "--max_physical_batch_size", dest="selection_batch_size", type=COUNT,
+                   default=16,
                    help="Samples per pass over all processes (each takes its share). The result does not depend "
                         "on the number of processes (up to float rounding).")
     g.add_argument("--compile", action="store_true",

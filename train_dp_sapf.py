@@ -29,6 +29,17 @@ from dp_sapf.cli import (BETA, COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, 
 from dp_sapf.seeding import seeded_generator
 
 logger = logging.getLogger("train_dp_sapf")
+# diffusers' train_text_to_image_lora.py flags that DP-SGD cannot take as they are: each is refused with what to use
+DIFFUSERS_FLAGS_REFUSED = {
+    "--gradient_accumulation_steps": "DP-SGD's logical batch is --train_batch_size (the expected Poisson batch over all "
+                                     "processes, noised once per step); micro-batches for memory are "
+                                     "--max_physical_batch_size. Set those two instead.",
+    "--dataloader_num_workers": "the images are encoded once into cached latents before training (see "
+                                "--latent_cache_dir); no data loader runs during DP-SGD.",
+    "--caption_column": "per-image captions are private data: conditioning on them would leak them. Conditioning is "
+                        "one public prompt per class (--class_prompts / --class_names).",
+    "--snr_gamma": "Min-SNR loss weighting is not implemented for DP-SGD here yet.",
+}
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -97,10 +108,22 @@ def parse_args(argv=None):
                    help="Allow TF32 matmuls on Ampere+ GPUs (faster fp32 products, slightly less precise).")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=COUNT, default=4096,
-                   help="Expected logical batch B per step over all processes: Poisson rate q = B/N (paper: 4096).")
+                   help="Expected logical batch B per DP-SGD step over ALL processes: Poisson rate q = B/N (paper: "
+                        "4096). Unlike diffusers' per-device batch; memory is --max_physical_batch_size.")
     g.add_argument("--max_physical_batch_size", type=COUNT, default=64,
                    help="Samples per forward/backward on each process (memory only; no effect on the result).")
     g.add_argument("--max_train_steps", type=COUNT, default=1000, help="Number of DP-SGD steps T (paper: 1000).")
+    g.add_argument("--num_train_epochs", type=POSITIVE, default=None,
+                   help="Set T from epochs instead: T = ⌈epochs·N/B⌉ expected passes over the data (overrides "
+                        "--max_train_steps; Poisson batches have no exact epochs).")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute the denoiser's activations in the backward pass to save memory (same gradients; "
+                        "the hooked LoRA layers keep their inputs for the per-sample products).")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default=None,
+                   help="Train for this target instead of the scheduler's own prediction_type (as in diffusers).")
+    # diffusers flags whose meaning does not carry over to DP-SGD: refused with the flag to use instead
+    for flag in DIFFUSERS_FLAGS_REFUSED:
+        g.add_argument(flag, type=str, default=None, help=argparse.SUPPRESS)
     g.add_argument("--learning_rate", type=POSITIVE, default=5e-4, help="AdamW learning rate (official code: 5e-4).")
     g.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS,
                    help='One of diffusers\' schedulers: "linear", "cosine", "cosine_with_restarts", "polynomial", '
@@ -145,6 +168,9 @@ def parse_args(argv=None):
     add_runtime_args(p)
     args = p.parse_args(argv)
 
+    for flag, why in DIFFUSERS_FLAGS_REFUSED.items():
+        if getattr(args, flag.lstrip("-")) is not None:
+            p.error(f"{flag} is not taken here: {why}")
     if [args.target_epsilon is not None, args.noise_multiplier is not None, args.no_dp].count(True) != 1:
         p.error("Give exactly one of --target_epsilon, --noise_multiplier or --no_dp.")
     try:
@@ -167,10 +193,6 @@ def parse_args(argv=None):
         if args.saliency_mask or args.train_mode != "lora":
             p.error("--lora_target warmup_select chooses its own matrices and trains LoRA: drop --saliency_mask and "
                     "--train_mode.")
-        args.warmup_select_steps = args.warmup_select_steps or max(1, args.max_train_steps // 10)
-        if args.warmup_select_steps >= args.max_train_steps:
-            p.error(f"--warmup_select_steps {args.warmup_select_steps} leaves no step to train the selected matrices "
-                    f"(--max_train_steps {args.max_train_steps}).")
     elif args.warmup_select_steps is not None:
         p.error("--warmup_select_steps belongs to --lora_target warmup_select.")
     if args.resume_from_checkpoint and args.overwrite_output_dir:
@@ -220,6 +242,15 @@ def main(argv=None):
     modeling.check_model_path(args.pretrained_model_name_or_path)
     images = data.load_labelled_images(args, "train", class_names=class_names, max_samples=args.max_train_samples)
     n = len(images)
+    if args.num_train_epochs is not None:
+        args.max_train_steps = max(1, math.ceil(args.num_train_epochs * n / args.train_batch_size))
+        accelerator.print(f"--num_train_epochs {args.num_train_epochs:g}: T = {args.max_train_steps} steps of B = "
+                          f"{args.train_batch_size} (N = {n}).")
+    if args.lora_target == "warmup_select":
+        args.warmup_select_steps = args.warmup_select_steps or max(1, args.max_train_steps // 10)
+        if args.warmup_select_steps >= args.max_train_steps:
+            raise ValueError(f"--warmup_select_steps {args.warmup_select_steps} leaves no step to train the selected "
+                             f"matrices (T = {args.max_train_steps}).")
     if args.train_batch_size > n:
         raise ValueError(f"--train_batch_size {args.train_batch_size} exceeds the dataset size N = {n}: the "
                          "sample rate q = B/N must be at most 1.")
@@ -247,6 +278,10 @@ def main(argv=None):
 
     # 3. The trainable tensors and, for DP, the per-sample engine.
     modeling.place(parts, device, weight_dtype)
+    if args.prediction_type is not None:
+        parts.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if args.gradient_checkpointing:
+        parts.denoiser.enable_gradient_checkpointing()
     resume = run_folder.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     warmup = None  # --lora_target warmup_select: the scores of its first W steps, then its mask
     if args.lora_target == "warmup_select":

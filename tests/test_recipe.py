@@ -159,3 +159,27 @@ def test_training_with_k_and_automatic_clipping_reports_them_and_no_norms(tiny_p
     for text in texts:
         for word in ("grad_norm_mean", "median_norm", "norm_quantile", "clipped_fraction", "per_sample_norm"):
             assert word not in text
+
+
+def test_gradient_checkpointing_gives_the_same_clipped_sum(lora_setup):
+    """Recomputed activations re-fire the forward hooks; only the original graph's tensor hooks run in backward, so
+    the per-sample gradients (and the clipped sum) are unchanged."""
+    parts, params, embeds = lora_setup
+    cache = _cache(6)
+
+    def clipped_sum():
+        engine, _ = per_sample.make_engine("hooks", parts.unet, params, compile=False, mixed_precision="no",
+                                           max_batch_size=6)
+        step = per_sample.StepGradients(modeling.diffusion_loss_fn(parts.unet, parts.noise_scheduler), params,
+                                        private=True, max_grad_norm=1e-3, engine=engine, multiplicity=2)
+        batches = data.micro_batches(cache, embeds, torch.arange(6), rank=0, world_size=1, micro_batch_size=6,
+                                     num_train_timesteps=1000, secret_seed=1, stream=("t",), device="cpu",
+                                     multiplicity=2)
+        step(batches, noise_multiplier=0.0, noise_generator=None, expected_batch_size=1, realised_batch_size=6)
+        assert step.clipped.num_samples == 6
+        return torch.cat([p.grad.flatten() for p in params]).clone()
+
+    parts.unet.train()
+    plain = clipped_sum()
+    parts.unet.enable_gradient_checkpointing()
+    assert torch.allclose(plain, clipped_sum(), rtol=1e-5, atol=1e-9)
