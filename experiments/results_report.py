@@ -180,6 +180,13 @@ def finetune_rate(records: list[dict]) -> str:
 
 
 NOTES_FILE = "NOTES.md"  # <results_dir>/NOTES.md: the reading of the table, included as it is
+RECIPE_FILE = "RECIPE.md"  # <results_dir>/RECIPE.md: how the settings were fixed before the runs
+REPLACED = {  # a results folder whose recipe another replaced: the older page, linked and summarised
+    "compare_cpu_r2": ("compare_cpu", "results_recipe1.md",
+                       "Recipe 1 clipped at C = 1 (flat) while the per-sample LoRA gradient norms are about 0.04: "
+                       "nothing was clipped, the noise was scaled to 7-25x every gradient, and every DP row stayed at "
+                       "the public model's accuracy. Its headline rows:")}
+HEADLINE = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "pe")
 
 
 def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | None = None,
@@ -194,6 +201,12 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
     settings = next((r["settings"] for r in records if r["method"] not in ("no_finetune", "pe")), records[0]["settings"])
     devices = sorted({r["device"] for r in records})
     reference = {k: v for r in records for k, v in r["metrics"].items() if k.startswith("real_reference")}
+    reference_note = ""
+    replaced = REPLACED.get(os.path.basename(os.path.normpath(results_dir)))
+    if not reference and replaced:  # the same protocol's real -> real run, made once for the replaced recipe
+        old = load(os.path.join(os.path.dirname(os.path.normpath(results_dir)), replaced[0]))
+        reference = {k: v for r in old for k, v in r["metrics"].items() if k.startswith("real_reference")}
+        reference_note = f" (measured once, by the `{replaced[0]}` run of the same protocol)"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure = os.path.splitext(path)[0] + "_privacy_utility.png"
     rho = settings.get("select_ratio", 0.3)
@@ -204,15 +217,18 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
     scale_flag = "" if scale == "paper" else f" --scale {scale}"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results_dir_name = os.path.relpath(os.path.abspath(results_dir), repo)
+    page = os.path.relpath(os.path.abspath(path), repo)
+    page_flag = "" if page == os.path.join("docs", "results.md") else f" --results_md {page}"
     lines = [
         f"# Results: DP-SAPF against its baselines on {dataset}" + (" (quick CPU run)" if quick else ""),
         "",
-        f"Written by `python experiments/compare.py report{scale_flag}` from `{results_dir_name}/*.json` (one record "
-        "per run).",
+        f"Written by `python experiments/compare.py report{scale_flag}{page_flag}` from `{results_dir_name}/*.json` "
+        "(one record per run).",
         "",
         f"- Public model: `{settings['public_model']}` (pretrained on public data only). Sensitive set: {dataset} "
         f"train ({records[0]['num_real_train']} images), its test split for accuracy. δ = 1/N.",
-        f"- Every DP method: B = {settings['train_batch_size']}, T = {settings['max_train_steps']}, C = 1, AdamW "
+        f"- Every DP method: B = {settings['train_batch_size']}, T = {settings['max_train_steps']}, C = 1 "
+        f"({settings.get('clipping', 'flat')} clipping), noise multiplicity K = {settings.get('noise_multiplicity', 1)}, AdamW "
         f"lr {settings['learning_rate']}{finetune_rate(records)}, LoRA rank {settings['rank']}, σ calibrated to the "
         "target ε with the "
         "selection's cost composed in (Gaussian σ_s = 5; the exponential and PTR variants spend "
@@ -230,17 +246,28 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         "",
         *pending_line(records, planned),
         "Real → real reference (same classifier trained on the real train set): "
-        + (", ".join(f"{k.removeprefix('real_reference_')} {v:.3f}" for k, v in reference.items()) or "–") + ".",
+        + (", ".join(f"{k.removeprefix('real_reference_')} {v:.3f}" for k, v in reference.items()) or "–")
+        + reference_note + ".",
         "",
         f"![privacy-utility]({os.path.basename(figure)})",
         "",
     ]
+    recipe = os.path.join(results_dir, RECIPE_FILE)
+    if os.path.isfile(recipe):  # how the settings were fixed, written (and committed) before the runs
+        lines += [open(recipe).read().strip(), ""]
     notes = os.path.join(results_dir, NOTES_FILE)
     if os.path.isfile(notes):  # hand-written, each number beside the command that produced it; kept with the records
         lines += ["## Reading the table", "", open(notes).read().strip(), ""]
     sweep = rho_table(records)
     if sweep:
         lines += ["## ρ sweep (DP-SAPF at the largest ε): which matrices are selected", "", *sweep, ""]
+    if replaced:
+        old_dir, old_page, why = replaced
+        old_records = [r for r in load(os.path.join(os.path.dirname(os.path.normpath(results_dir)), old_dir))
+                       if r["method"] in HEADLINE and r["rho"] in (None, rho)]
+        if old_records:
+            lines += ["## Recipe 1 (replaced)", "", f"{why} (full page: [{old_page}]({old_page}))", "",
+                      *main_table(old_records, rho), ""]
     lines += ["## Wall time per stage (minutes, mean over the runs that ran it)", "", *stage_table(records), ""]
     lines += ["## Samples (first seed, largest ε; rows = classes)", ""]
     top = max((r["epsilon"] for r in records if r["epsilon"] is not None), default=None)
