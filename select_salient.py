@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dp_sapf import atomic, data, distributed, modeling, per_sample, privacy, saliency, timing
-from dp_sapf.cli import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, ArgumentParser, add_runtime_args, run_cli
+from dp_sapf.cli import (COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, ArgumentParser, add_clipping_args,
+                         add_runtime_args, run_cli)
 from dp_sapf.seeding import seeded_generator
 
 
@@ -34,14 +35,7 @@ def parse_args(argv=None):
                         "add no Gaussian noise: giving it with them is an error.")
     g.add_argument("--selection_max_grad_norm", type=POSITIVE, default=1.0,
                    help="C_s: each sample's gradient over ALL candidate matrices is clipped jointly to this norm.")
-    g.add_argument("--selection_clipping", choices=per_sample.CLIPPING_RULES, default="automatic",
-                   help="automatic: g·C_s/(‖g‖ + γ) (scale-free, as train_dp_sapf.py's --clipping); flat: "
-                        "g·min(1, C_s/‖g‖) (the paper's). Either way each image moves the query by at most C_s.")
-    g.add_argument("--selection_automatic_clipping_gamma", type=POSITIVE, default=per_sample.DEFAULT_AUTOMATIC_GAMMA,
-                   help="γ of --selection_clipping automatic.")
-    g.add_argument("--noise_multiplicity", type=COUNT, default=1,
-                   help="K: each image's loss is the mean over K independent secret (timestep, noise) draws before "
-                        "its gradient is clipped; one clipped gradient per image, so the cost is unchanged.")
+    add_clipping_args(g, prefix="selection_", bound="C_s")
     g.add_argument("--granularity", choices=saliency.GRANULARITIES, default="matrix",
                    help="matrix: rank single q/k/v matrices; layer: rank attention layers by their concatenated "
                         "q/k/v block and keep or drop them whole.")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dp_sapf import atomic, data, distributed, hub, modeling, per_sample, privacy, run_folder, saliency, timing
 from dp_sapf.cli import (BETA, COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, PROBABILITY, ArgumentParser,
-                         add_runtime_args, run_cli)
+                         add_clipping_args, add_runtime_args, run_cli)
 from dp_sapf.seeding import seeded_generator
 
 logger = logging.getLogger("train_dp_sapf")
@@ -81,18 +81,7 @@ def parse_args(argv=None):
     g.add_argument("--max_grad_norm", type=POSITIVE, default=1.0,
                    help="C, the per-sample sensitivity bound (not diffusers' gradient-norm clipping): each sample's "
                         "gradient, joint over all trainable tensors, is scaled to norm at most C before the sum.")
-    g.add_argument("--clipping", choices=per_sample.CLIPPING_RULES, default="automatic",
-                   help="automatic: g·C/(‖g‖ + γ) (Bu et al.; the official DP-SAPF code): every sample reaches a norm "
-                        "just under C whatever the model's gradient scale, so C = 1 suits any model. flat: "
-                        "g·min(1, C/‖g‖) (Abadi et al.): C must sit at or below the typical per-sample norm, or nothing "
-                        "is clipped and the noise σC swamps gradients far smaller than C (docs/privacy.md).")
-    g.add_argument("--automatic_clipping_gamma", type=POSITIVE, default=per_sample.DEFAULT_AUTOMATIC_GAMMA,
-                   help="γ of --clipping automatic (official code: 0.01); keeps tiny gradients from being blown up "
-                        "to norm C. Same sensitivity C for every γ.")
-    g.add_argument("--noise_multiplicity", type=COUNT, default=1,
-                   help="K: each sample's loss is the mean over K independent secret (timestep, noise) draws before "
-                        "its gradient is clipped (DPDM); one clipped gradient per sample, so privacy is unchanged, "
-                        "and each step costs about K times the forward/backward work.")
+    add_clipping_args(g)
     g.add_argument("--accountant", choices=["rdp", "prv", "pld"], default="rdp",
                    help="rdp (as the paper; opacus), or the tighter prv (opacus) / pld (dp-accounting).")
     g.add_argument("--per_sample_engine", choices=per_sample.ENGINES, default="auto",

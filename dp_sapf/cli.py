@@ -99,6 +99,26 @@ def add_runtime_args(parser) -> None:
                              "Whoever knows it can recompute the noise: fix it for tests and audits only.")
 
 
+def add_clipping_args(group, prefix: str = "", bound: str = "C") -> None:
+    """--{prefix}clipping, --{prefix}automatic_clipping_gamma and --noise_multiplicity: how each image's gradient is
+    formed and clipped, the same three flags (and meaning) in selection and training."""
+    from .per_sample import CLIPPING_RULES, DEFAULT_AUTOMATIC_GAMMA
+
+    group.add_argument(f"--{prefix}clipping", choices=CLIPPING_RULES, default="automatic",
+                       help=f"automatic: g·{bound}/(‖g‖ + γ) (Bu et al.; the official DP-SAPF code): every sample "
+                            f"reaches a norm just under {bound} whatever the model's gradient scale, so {bound} = 1 "
+                            f"suits any model. flat: g·min(1, {bound}/‖g‖) (Abadi et al.): {bound} must sit at or below "
+                            f"the typical per-sample norm, or nothing is clipped and the noise swamps gradients far "
+                            f"smaller than {bound} (docs/privacy.md). Either way one image moves the sum by ≤ {bound}.")
+    group.add_argument(f"--{prefix}automatic_clipping_gamma", type=POSITIVE, default=DEFAULT_AUTOMATIC_GAMMA,
+                       help=f"γ of --{prefix}clipping automatic (official code: 0.01); keeps tiny gradients from being "
+                            f"blown up to norm {bound}. The same sensitivity for every γ.")
+    group.add_argument("--noise_multiplicity", type=COUNT, default=1,
+                       help="K: each image's loss is the mean over K independent secret (timestep, noise) draws before "
+                            "its gradient is clipped (DPDM); one clipped gradient per image, so privacy is unchanged, "
+                            "and each image costs about K times the forward/backward work.")
+
+
 def run_cli(main, argv=None) -> None:
     """Run `main`; expected user errors (bad flags, files, budgets) end with one 'error:' line and exit 2."""
     try:

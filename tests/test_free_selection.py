@@ -72,4 +72,4 @@ def test_warmup_selection_run_costs_only_its_training_steps(tiny_pipeline_dir, f
         a, b = lora_tensors(full), lora_tensors(folder)
         assert set(a) == set(b)
         for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-6), (checkpoint, k)
+            assert torch.allclose(a[k], b[k], atol=1e-6), (stop, k)
