@@ -414,7 +414,7 @@ def main(argv=None):
 
         # 5. Outputs.
         if warmup is not None:
-            mask = warmup_mask(args, parts.denoiser, candidates, warmup, ledger, n, class_names, prompts, parts.backbone)
+            mask = warmup_mask(args, candidates, warmup, ledger, n, class_names, prompts, parts.backbone)
         if accelerator.is_main_process:
             finish_outputs(args, parts, class_names, prompts, accelerator, ledger, mask, n, weight_dtype, timings,
                            base_signature)
@@ -444,7 +444,7 @@ def keep_selected(denoiser, named, kept, trainable, optimizer, lr_scheduler):
     return new_named, step_gradients, new_optimizer
 
 
-def warmup_mask(args, denoiser, candidates, warmup, ledger, n, class_names, prompts, backbone) -> dict:
+def warmup_mask(args, candidates, warmup, ledger, n, class_names, prompts, backbone) -> dict:
     """The mask a warm-up selection chose, in the mask schema (mechanism dp_sgd_postprocessing: free here, and
     refused as --saliency_mask of any other run, whose training would not account these steps)."""
     state = warmup["state"]
