@@ -57,6 +57,34 @@ def main_table(records: list[dict], rho: float) -> list[str]:
     return lines
 
 
+README_START, README_END = "<!-- headline table: experiments/results_report.py -->", "<!-- end of headline table -->"
+
+
+def headline_block(results_dir: str) -> str:
+    """The README's results table: the headline methods' rows of `results_dir` (mean ± s over seeds), generated
+    so that the README can never quote other numbers than the records (tests/test_compare.py checks it)."""
+    records = [r for r in load(results_dir) if r["method"] in HEADLINE + ("free_selection",)]
+    rho = next((r["settings"].get("select_ratio", 0.3) for r in records), 0.3)
+    columns = [0, 1, 2, 3, 4, 6]  # method, ε, seeds, FID, WRN, ε achieved
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in main_table(records, rho)]
+    keep = [[row[i] for i in columns] for row in rows]
+    lines = ["| " + " | ".join(row) + " |" for row in keep[:1]] + ["|---" * len(columns) + "|"] + \
+            ["| " + " | ".join(row) + " |" for row in keep[2:]]
+    return "\n".join([README_START, *lines, README_END])
+
+
+def update_readme(readme: str, results_dir: str) -> bool:
+    """Rewrite the README's generated block (between its markers) from the records; False when it has none."""
+    text = open(readme, encoding="utf-8").read()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(head + headline_block(results_dir) + tail)
+    return True
+
+
 def rho_table(records: list[dict]) -> list[str]:
     sweep = sorted((r for r in records if r["method"] == "dp_sapf" and r["rho"] is not None
                     and r["epsilon"] == max(x["epsilon"] for x in records if x["epsilon"] is not None)),

@@ -169,3 +169,12 @@ def test_a_run_another_process_holds_is_skipped_not_failed_or_touched(tmp_path, 
     assert os.listdir(busy) == [".lock"]
     compare.run_all(args)  # the holder is gone: the lock is free again
     assert ran == ["random_selection_eps10_seed0", "no_finetune_seed0", "random_selection_eps10_seed0"]
+
+
+def test_the_readme_quotes_the_committed_records():
+    """The README's headline table is generated from the records (results_report.headline_block), so it cannot drift:
+    after new records, `python experiments/compare.py report --scale cpu_r2` rewrites it."""
+    from experiments import compare, results_report
+
+    readme = open(os.path.join(compare.REPO, "README.md"), encoding="utf-8").read()
+    assert results_report.headline_block(compare.SCALES[compare.README_SCALE]["results_dir"]) in readme
