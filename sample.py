@@ -12,6 +12,7 @@ gives the same images, and a rerun skips the images already written. Output: <ou
 
 import argparse
 import os
+import sys
 
 import torch
 from PIL import Image
@@ -93,6 +94,10 @@ def main(argv=None):
     dtype = modeling.weight_dtype_for(accelerator.mixed_precision)
     modeling.check_model_path(args.pretrained_model_name_or_path)
     lora_report = run_folder.read_training_report(args.lora_path) if args.lora_path else None
+    if args.lora_path and lora_report is None:  # e.g. a LoRA made elsewhere: usable, but nothing vouches for it
+        print(f"warning: {args.lora_path} has no privacy_report.json: nothing says how (or whether) this LoRA was "
+              "trained with differential privacy, nor on which base model (only module names and shapes are "
+              "checked). Do not call the synthetic set private on its account.", file=sys.stderr)
     pipe = modeling.backbones.load_pipeline(  # checks that the LoRA was trained on this base model
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, lora_path=args.lora_path,
         lora_scale=args.lora_scale, dtype=dtype, base_signature=(lora_report or {}).get("base_signature"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -52,9 +53,13 @@ def check_not_finished(output_dir: str, overwrite: bool = False) -> None:
     """A folder that holds a finished run is a result: a new run goes elsewhere unless told to replace it."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--output_dir {output_dir!r} is a file, not a folder.")
-    if not overwrite and os.path.isdir(output_dir) and read_status(output_dir) == "complete":
+    status = read_status(output_dir) if os.path.isdir(output_dir) else None
+    if not overwrite and status == "complete":
         raise ValueError(f"--output_dir {output_dir!r} already holds a finished run ({STATUS_FILE}: complete). "
                          "Choose another folder, delete it, or pass --overwrite_output_dir to replace it.")
+    if status == "failed":  # a failed run is no result: the folder is reused, and the user is told so
+        print(f"note: --output_dir {output_dir!r} holds a run that failed ({STATUS_FILE}); this run replaces its "
+              "outputs (its checkpoints, if any, resume with --resume_from_checkpoint latest).", file=sys.stderr)
 
 
 def read_training_report(*folders: str | None) -> dict | None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dp_sapf import prepare_data
+from helpers import REPO
 
 
 def _ids(folder):
@@ -41,3 +42,17 @@ def test_validation_folder_refuses_ambiguous_requests(tmp_path):
         prepare_data.prepare("fashion_mnist", str(tmp_path / "b"), max_per_class=2, test_max_per_class=1,
                              validation_per_class=2)
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_the_quick_start_is_tuned_on_a_public_stand_in(tmp_path):
+    """The quick start's settings are compared on MNIST-5k digits filed under the Fashion-MNIST classes (public),
+    never on Fashion-MNIST: the tuning script sets that dataset for every candidate and reads no Fashion-MNIST split."""
+    info = prepare_data.prepare("mnist5k_as_fashion", str(tmp_path / "standin"), max_per_class=2, test_max_per_class=1)
+    assert info["class_names"] == prepare_data.FASHION_MNIST_CLASSES
+    digits = prepare_data.load_mnist5k()
+    first_trouser = sorted(os.listdir(tmp_path / "standin" / "train" / "trouser"))[0]  # digit 1 under 'trouser'
+    index = int(os.path.splitext(first_trouser)[0])
+    assert digits["train"][1][index] == 1
+    script = open(os.path.join(REPO, "experiments", "tune_quickstart.sh")).read()
+    assert "DATASET=mnist5k_as_fashion" in script and "validation_per_class" not in script
+    assert "fashion_mnist" not in script.replace("--class_prompts fashion_mnist", "")

@@ -305,3 +305,11 @@ def test_a_finished_runs_checkpoint_is_not_resumed(tiny_pipeline_dir, fashion_da
                                                     "--resume_from_checkpoint", "latest"))
     assert res.returncode == 2 and "finished run" in res.stderr
     assert os.listdir(other) == ["checkpoint-2"]
+
+
+def test_a_failed_run_folder_is_reused_with_a_note(tmp_path, capsys):
+    from dp_sapf import run_folder
+
+    run_folder.write_status(str(tmp_path), "failed", error="RuntimeError: killed")
+    run_folder.check_not_finished(str(tmp_path))  # no error: a failed run is no result
+    assert "holds a run that failed" in capsys.readouterr().err
