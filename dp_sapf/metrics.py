@@ -200,17 +200,25 @@ def cached_features(key: dict, compute, cache_dir: str | None) -> np.ndarray:
     found = load_cached_features(key, cache_dir)
     if found is not None:
         return found
+    import filelock
+
+    from .atomic import replacing
+
     path = _cache_path(key, cache_dir)
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     os.chmod(cache_dir, 0o700)  # features of private images: owner-only, like the latent cache
-    partial = path[:-len(".npz")] + ".partial.npz"
-    features = compute(partial)
-    from .atomic import replacing
-
-    with replacing(path, mode=0o600) as tmp:  # its name ends in .npz, so np.savez keeps it
-        np.savez(tmp, features=features, key=json.dumps(key))
-    if os.path.isfile(partial):
-        os.remove(partial)
+    # One computation per key: two evaluations started together (compare.py's runners) would otherwise both spend
+    # the ~17 CPU-minutes of 10,000 real features; the second waits and reads the first's file.
+    with filelock.FileLock(path[:-len(".npz")] + ".lock"):
+        found = load_cached_features(key, cache_dir)
+        if found is not None:
+            return found
+        partial = path[:-len(".npz")] + ".partial.npz"
+        features = compute(partial)
+        with replacing(path, mode=0o600) as tmp:  # its name ends in .npz, so np.savez keeps it
+            np.savez(tmp, features=features, key=json.dumps(key))
+        if os.path.isfile(partial):
+            os.remove(partial)
     return features
 
 
