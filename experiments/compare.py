@@ -74,7 +74,7 @@ if REPO not in sys.path:
 
 METHODS = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
            "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "pe",
-           "free_selection")
+           "free_selection", "dp_mepf")
 MULTI_SEED = ("dp_sapf", "dp_lora")
 PRIVACY_FREE = ("no_finetune", "nonprivate_lora")  # one run each, whatever the ε
 SELECTION = {"dp_sapf": [], "random_selection": ["--scorer", "random"], "layer_selection": ["--granularity", "layer"],
@@ -88,6 +88,7 @@ TRAINING = {"nonprivate_lora": ["--lora_target", "all_attention", "--no_dp"], "d
             "dp_finetune": ["--train_mode", "full", "--lora_target", "all_attention", "--mixed_precision", "no"],
             "exponential_selection": [], "ptr_selection": [], "snip_selection": [], "synflow_selection": [],
             "debiased_selection": [], "free_selection": ["--lora_target", "warmup_select"]}
+RELEASE_TOOLS = ("pe", "dp_mepf")  # publish their images themselves: no training, no sample.py
 WARMUP_SELECTION = ("free_selection",)  # choose their mask inside training, from DP-SGD's own noisy gradients
 COMPLETE = "complete"
 CLASS_PROMPTS = {"fashion_mnist": "fashion_mnist", "mnist5k": "mnist"}  # --dataset -> its built-in class prompts
@@ -172,6 +173,10 @@ def parse_args(argv=None):
     p.add_argument("--pe_count_threshold", type=number(float), default=None, help="pe: vote threshold H (default 2σ).")
     p.add_argument("--pe_embedding", choices=["inception", "pixels"], default="inception",
                    help="pe: the embedding the votes use (private_evolution.py --embedding).")
+    p.add_argument("--mepf_iterations", type=COUNT, default=2000,
+                   help="dp_mepf: generator updates (dp_mepf.py --iterations).")
+    p.add_argument("--mepf_learning_rate", type=POSITIVE, default=1e-3, help="dp_mepf: the generator's Adam rate.")
+    p.add_argument("--mepf_batch_size", type=COUNT, default=100, help="dp_mepf: generated images per update.")
     p.add_argument("--classifier", choices=["wrn", "resnet", "all"], default="all", help="evaluate.py --classifier.")
     p.add_argument("--classifier_epochs", type=COUNT, default=50, help="evaluate.py --epochs.")
     p.add_argument("--classifier_depth", type=COUNT, default=None, help="evaluate.py --classifier_depth (default WRN-28 / ResNet-164).")
@@ -199,8 +204,8 @@ def parse_args(argv=None):
         quick = dict(max_per_class=30, test_max_per_class=10, train_batch_size=100, max_physical_batch_size=100,
                      max_train_steps=8, num_synthetic=30, sampling_steps=5, sample_batch_size=30, classifier="wrn",
                      classifier_epochs=1, classifier_depth=10, classifier_width=1, epsilons=[10.0], seeds=[0],
-                     rho_sweep=[], pe_iterations=2, pe_embedding="pixels",
-                     methods=[m for m in args.methods if m in ("no_finetune", "dp_sapf", "dp_lora", "pe")])
+                     rho_sweep=[], pe_iterations=2, pe_embedding="pixels", mepf_iterations=2, mepf_batch_size=10,
+                     methods=[m for m in args.methods if m in ("no_finetune", "dp_sapf", "dp_lora", "pe", "dp_mepf")])
         for key, value in quick.items():
             setattr(args, key, value)
     args.data_dir = args.data_dir or os.path.join(args.work_dir, "data")
@@ -291,6 +296,12 @@ def _execute_locked(run: dict, args, folder: str) -> dict:
             "--num_inference_steps", args.sampling_steps, "--guidance_scale", args.guidance_scale,
             "--output_resolution", 28, "--batch_size", args.sample_batch_size,
             "--cache_dir", os.path.join(args.work_dir, "fid_cache"), "--output_dir", synthetic), log)
+    if method == "dp_mepf" and run_folder.read_status(synthetic) != COMPLETE:
+        wall["mepf"] = call(script(  # resumable: a killed call leaves its state, the same call continues it
+            "dp_mepf.py", "--train_data_dir", args.data_dir, "--class_prompts", CLASS_PROMPTS[args.dataset],
+            "--seed", run["seed"], "--target_epsilon", run["epsilon"], "--iterations", args.mepf_iterations,
+            "--learning_rate", args.mepf_learning_rate, "--batch_size", args.mepf_batch_size,
+            "--num_images_per_class", max(1, args.num_synthetic // 10), "--output_dir", synthetic), log)
     if method in SELECTION and not os.path.isfile(mask):
         derived = derivation(run, args)
         source = {**run, "method": "dp_sapf", "rho": args.select_ratio} if derived else run
@@ -311,7 +322,7 @@ def _execute_locked(run: dict, args, folder: str) -> dict:
         else:
             shutil.copyfile(shared, mask)
     model_dir = os.path.join(folder, "model")
-    if method not in ("no_finetune", "pe") and run_folder.read_status(model_dir) != COMPLETE:
+    if method not in RELEASE_TOOLS + ("no_finetune",) and run_folder.read_status(model_dir) != COMPLETE:
         privacy = [] if run["epsilon"] is None else ["--target_epsilon", run["epsilon"]]
         uses_mask = (["--saliency_mask", mask] if method in SELECTION else
                      ["--select_ratio", run["rho"]] if method in WARMUP_SELECTION else [])
@@ -412,7 +423,7 @@ def record(run: dict, folder: str, wall: dict, args) -> dict:
     from dp_sapf import atomic, run_folder
 
     metrics = json.load(open(os.path.join(folder, "eval", "metrics.json")))
-    report_path = os.path.join(folder, "synthetic" if run["method"] == "pe" else "model", run_folder.REPORT_FILE)
+    report_path = os.path.join(folder, "synthetic" if run["method"] in RELEASE_TOOLS else "model", run_folder.REPORT_FILE)
     report = json.load(open(report_path)) if os.path.isfile(report_path) else None
     mask_path = os.path.join(folder, "mask.json")
     if not os.path.isfile(mask_path):  # a warm-up selection's mask is written by the training run itself
@@ -492,7 +503,8 @@ def settings(args) -> dict:
                                           "max_per_class", "fid_max_real", "mixed_precision", "quick",
                                           "select_ratio", "selection_share", "pe_iterations", "pe_strength_start",
                                           "pe_strength_end", "pe_count_threshold", "pe_embedding", "scale", "dataset",
-                                          "clipping", "noise_multiplicity")}
+                                          "clipping", "noise_multiplicity", "mepf_iterations",
+                                          "mepf_learning_rate", "mepf_batch_size")}
     return {**out, "public_model": os.path.relpath(args.public_model, REPO), "how_chosen": HOW_CHOSEN[args.scale]}
 
 

@@ -12,7 +12,8 @@ import os
 from collections import defaultdict
 
 ORDER = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
-         "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "free_selection", "pe")
+         "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "free_selection", "pe",
+         "dp_mepf")
 LABELS = {"no_finetune": "no fine-tuning (public model)", "nonprivate_lora": "LoRA, all attention, no DP",
           "dp_sapf": "**DP-SAPF** (ρ = {rho:g})", "dp_lora": "DP-LoRA (all attention)",
           "random_selection": "random selection (ρ = {rho:g})", "layer_selection": "layer-level selection",
@@ -20,7 +21,8 @@ LABELS = {"no_finetune": "no fine-tuning (public model)", "nonprivate_lora": "Lo
           "exponential_selection": "DP-SAPF, exponential mechanism", "ptr_selection": "DP-SAPF, propose-test-release",
           "snip_selection": "DP-SAPF, SNIP score", "synflow_selection": "DP-SAPF, SynFlow score (data-free)",
           "debiased_selection": "DP-SAPF, debiased Gaussian score",
-          "free_selection": "warm-up selection from DP-SGD's noisy gradients (ρ = {rho:g}, no extra ε)", "pe": "PE (Private Evolution, no fine-tuning)"}
+          "free_selection": "warm-up selection from DP-SGD's noisy gradients (ρ = {rho:g}, no extra ε)", "pe": "PE (Private Evolution, no fine-tuning)",
+          "dp_mepf": "DP-MEPF (feature-mean release + generator, no diffusion model)"}
 METRICS = (("fid_train", "FID ↓"), ("accuracy_wrn", "WRN acc ↑"), ("accuracy_resnet", "ResNet acc ↑"))
 
 
@@ -132,39 +134,54 @@ def label(method: str, rho: float) -> str:
 
 
 def plot(records: list[dict], path: str, rho: float) -> None:
+    """Accuracy and FID against ε: one distinct colour and marker per method (tab20, fixed by ORDER, so a method
+    keeps its colour on every page), mean over seeds with ± s error bars, the privacy-free rows as grey lines, the
+    legend below the axes (never over the data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
     by_method = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r["rho"] in (None, rho) and r["epsilon"] is not None:
             by_method[r["method"]][r["epsilon"]].append(r)
+    palette = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p"
     for ax, (key, title) in zip(axes, (METRICS[1], METRICS[0])):
         for method in ORDER:
             if method not in by_method:
                 continue
             eps = sorted(by_method[method])
-            ys = [sum(r["metrics"].get(key, math.nan) for r in by_method[method][e]) / len(by_method[method][e])
-                  for e in eps]
-            ax.plot(eps, ys, marker="o", label=label(method, rho).replace("*", ""))
+            values = [[r["metrics"][key] for r in by_method[method][e] if r["metrics"].get(key) is not None]
+                      for e in eps]
+            kept = [(e, v) for e, v in zip(eps, values) if v]
+            if not kept:
+                continue
+            means = [sum(v) / len(v) for _, v in kept]
+            spreads = [math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+                       for (_, v), m in zip(kept, means)]
+            i = ORDER.index(method)
+            ax.errorbar([e for e, _ in kept], means, yerr=spreads, marker=markers[i % len(markers)], capsize=3,
+                        color=palette[(2 * i) % 20 if i < 10 else (2 * (i - 10) + 1) % 20],
+                        label=label(method, rho).replace("*", ""))
         for method, style in (("no_finetune", ":"), ("nonprivate_lora", "--")):
             ref = [r["metrics"].get(key) for r in records if r["method"] == method]
             if ref and ref[0] is not None:
                 ax.axhline(ref[0], linestyle=style, color="grey", label=label(method, rho))
         ax.set_xscale("log")
         ax.set_xlabel("ε")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
+        ax.set_title(title + " (mean ± s over seeds)", fontsize=9)
+    handles, labels_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels_, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.035 * math.ceil(len(handles) / 2), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 DATASETS = {"fashion_mnist": "Fashion-MNIST", "mnist5k": "MNIST-5k (public stand-in)"}
-STAGES = ("select", "train", "pe", "sample", "evaluate")
+STAGES = ("select", "train", "pe", "mepf", "sample", "evaluate")
 
 
 def stage_table(records: list[dict]) -> list[str]:
@@ -178,6 +195,45 @@ def stage_table(records: list[dict]) -> list[str]:
             cells.append(f"{sum(values) / len(values):.1f} ({len(values)})" if values else "–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
+
+
+def labelled_grids(records: list[dict], method: str, rho: float, results_dir: str) -> str | None:
+    """<results_dir>/grids/labelled/<method>.png: the method's first-seed preview grid at every ε side by side, each
+    panel titled with its ε and each row with its class name (the previews themselves carry no text)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rs = [r for r in records if r["method"] == method and r["rho"] in (None, rho)]
+    panels = []
+    for eps in sorted({r["epsilon"] for r in rs}, key=lambda e: math.inf if e is None else e):
+        first = sorted((r for r in rs if r["epsilon"] == eps), key=lambda r: r["seed"])[0]
+        path = os.path.join(results_dir, "grids", f"{first['name']}.png")
+        if os.path.isfile(path):
+            panels.append(("no DP" if eps is None else f"ε = {eps:g}", Image.open(path).convert("RGB")))
+    if not panels:
+        return None
+    from dp_sapf.data import resolve_classes
+
+    names = resolve_classes(CLASS_SETS.get(rs[0]["settings"].get("dataset", "fashion_mnist"), "fashion_mnist"))[0]
+    font = ImageFont.load_default(size=11)
+    margin, title, gap = 78, 16, 8
+    height = max(grid.height for _, grid in panels)
+    canvas = Image.new("RGB", (margin + sum(grid.width + gap for _, grid in panels), title + height), "white")
+    draw = ImageDraw.Draw(canvas)
+    row = height / len(names)
+    for c, name in enumerate(names):
+        draw.text((2, title + row * c + row / 2 - 6), name, fill="black", font=font)
+    x = margin
+    for caption, grid in panels:
+        canvas.paste(grid, (x, title))
+        draw.text((x + 2, 1), caption, fill="black", font=font)
+        x += grid.width + gap
+    out = os.path.join(results_dir, "grids", "labelled", f"{method}.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+CLASS_SETS = {"fashion_mnist": "fashion_mnist", "mnist5k": "mnist"}  # a record's dataset -> its built-in class list
 
 
 def pending_line(records: list[dict], planned: list[str] | None) -> list[str]:
@@ -201,6 +257,17 @@ def pe_line(records: list[dict]) -> list[str]:
             f"{pe.get('pe_count_threshold') or 'private_evolution.py default (2σ)'}; the same sampler settings."]
 
 
+def mepf_line(records: list[dict]) -> list[str]:
+    """DP-MEPF's own settings, as its first record has them (no diffusion model, no DP-SGD)."""
+    mepf = next((r["settings"] for r in records if r["method"] == "dp_mepf"), None)
+    if mepf is None:
+        return []
+    return [f"- DP-MEPF (no diffusion model): one Gaussian release of per-class means of unit-norm pooled TF-Inception "
+            f"features (75 px) with noisy class counts, then a generator trained on that release alone: "
+            f"{mepf['mepf_iterations']} Adam updates of {mepf['mepf_batch_size']} images, lr "
+            f"{mepf['mepf_learning_rate']}; {mepf['num_synthetic']} released images."]
+
+
 def finetune_rate(records: list[dict]) -> str:
     """DP-Finetune's own learning rate (every UNet weight moves; the LoRA rate diverges there), when it ran."""
     rates = sorted({r["settings"]["finetune_learning_rate"] for r in records if r["method"] == "dp_finetune"})
@@ -214,7 +281,7 @@ REPLACED = {  # a results folder whose recipe another replaced: the older page, 
                        "Recipe 1 clipped at C = 1 (flat) while the per-sample LoRA gradient norms are about 0.04: "
                        "nothing was clipped, the noise was scaled to 7-25x every gradient, and every DP row stayed at "
                        "the public model's accuracy. Its headline rows:")}
-HEADLINE = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "pe")
+HEADLINE = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "pe", "dp_mepf")
 
 
 def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | None = None,
@@ -226,7 +293,8 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
     if not records:
         raise SystemExit(f"error: no results in {results_dir}: run `experiments/compare.py run` first.")
     # the training settings as a trained run recorded them (no_finetune's record predates the choice of lr, B, T)
-    settings = next((r["settings"] for r in records if r["method"] not in ("no_finetune", "pe")), records[0]["settings"])
+    settings = next((r["settings"] for r in records if r["method"] not in ("no_finetune", "pe", "dp_mepf")),
+                    records[0]["settings"])
     devices = sorted({r["device"] for r in records})
     reference = {k: v for r in records for k, v in r["metrics"].items() if k.startswith("real_reference")}
     reference_note = ""
@@ -268,6 +336,7 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         "selected on a synthetic held-out split, tested on the real test split.",
         f"- Device: {', '.join(devices)}. Versions: {versions_line(records)}.",
         *pe_line(records),
+        *mepf_line(records),
         f"- How the settings were chosen: {how_chosen or settings.get('how_chosen', 'not recorded')}",
         "",
         *main_table(records, rho),
@@ -297,13 +366,12 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
             lines += ["## Recipe 1 (replaced)", "", f"{why} (full page: [{old_page}]({old_page}))", "",
                       *main_table(old_records, rho), ""]
     lines += ["## Wall time per stage (minutes, mean over the runs that ran it)", "", *stage_table(records), ""]
-    lines += ["## Samples (first seed, largest ε; rows = classes)", ""]
-    top = max((r["epsilon"] for r in records if r["epsilon"] is not None), default=None)
+    lines += ["## Samples (first seed; rows = classes, one panel per ε)", ""]
     for method in ORDER:
-        rs = [r for r in records if r["method"] == method and r["epsilon"] in (None, top) and r["rho"] in (None, rho)]
-        if rs:
-            name = sorted(rs, key=lambda r: r["seed"])[0]["name"]
-            lines += [f"**{label(method, rho).replace('*', '')}**", "", f"![{name}]({rel}/grids/{name}.png)", ""]
+        shown = labelled_grids(records, method, rho, results_dir)
+        if shown:
+            lines += [f"**{label(method, rho).replace('*', '')}**", "",
+                      f"![{method}]({rel}/grids/labelled/{os.path.basename(shown)})", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"Wrote {path} ({len(records)} runs)")
