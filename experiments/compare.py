@@ -102,7 +102,7 @@ SCALES = {
                 pe_iterations=5, pe_strength_start=0.8, pe_strength_end=0.4, finetune_learning_rate=1e-4,
                 work_dir=os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "compare_cpu"),
                 results_dir=os.path.join(REPO, "results", "compare_cpu"), clipping="flat",
-                methods=[m for m in METHODS if m != "free_selection"]),  # recipe 1 predates it
+                methods=[m for m in METHODS if m not in ("free_selection", "dp_mepf")]),  # recipe 1 predates them
 }
 # Recipe 2 (docs/results.md says why recipe 1 was replaced and how this one was fixed before its runs): automatic
 # clipping in both stages, twice recipe 1's samples per step, the headline methods with three seeds each.

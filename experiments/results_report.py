@@ -175,7 +175,7 @@ def plot(records: list[dict], path: str, rho: float) -> None:
         ax.set_title(title + " (mean ± s over seeds)", fontsize=9)
     handles, labels_ = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels_, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 + 0.035 * math.ceil(len(handles) / 2), 1, 1))
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * math.ceil(len(handles) / 2), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -208,13 +208,17 @@ def labelled_grids(records: list[dict], method: str, rho: float, results_dir: st
         first = sorted((r for r in rs if r["epsilon"] == eps), key=lambda r: r["seed"])[0]
         path = os.path.join(results_dir, "grids", f"{first['name']}.png")
         if os.path.isfile(path):
-            panels.append(("no DP" if eps is None else f"ε = {eps:g}", Image.open(path).convert("RGB")))
+            caption = ("no private data" if method == "no_finetune" else "no DP") if eps is None else f"ε = {eps:g}"
+            panels.append((caption, Image.open(path).convert("RGB")))
     if not panels:
         return None
     from dp_sapf.data import resolve_classes
 
     names = resolve_classes(CLASS_SETS.get(rs[0]["settings"].get("dataset", "fashion_mnist"), "fashion_mnist"))[0]
-    font = ImageFont.load_default(size=11)
+    import matplotlib
+
+    # PIL's built-in font has no ε: matplotlib's bundled DejaVu Sans has every glyph the captions use
+    font = ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), 11)
     margin, title, gap = 78, 16, 8
     height = max(grid.height for _, grid in panels)
     canvas = Image.new("RGB", (margin + sum(grid.width + gap for _, grid in panels), title + height), "white")

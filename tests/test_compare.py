@@ -14,13 +14,17 @@ def test_quick_comparison_runs_reports_and_resumes(tiny_pipeline_dir, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     records = {r["name"]: r for r in (json.load(open(tmp_path / "results" / f))
                                       for f in os.listdir(tmp_path / "results") if f.endswith(".json"))}
-    assert set(records) == {"no_finetune_seed0", "dp_sapf_eps10_seed0", "dp_lora_eps10_seed0", "pe_eps10_seed0"}
+    assert set(records) == {"no_finetune_seed0", "dp_sapf_eps10_seed0", "dp_lora_eps10_seed0", "pe_eps10_seed0",
+                            "dp_mepf_eps10_seed0"}
     sapf, lora, base = records["dp_sapf_eps10_seed0"], records["dp_lora_eps10_seed0"], records["no_finetune_seed0"]
     assert sapf["private"] and sapf["epsilon_achieved"] <= 10 and len(sapf["selected_matrices"]) == 20
     assert 0 < sapf["budget_split"]["selection_share"] < 0.05 and lora["budget_split"]["selection_share"] == 0
     assert base["epsilon_achieved"] is None and base["selected_matrices"] is None
     pe = records["pe_eps10_seed0"]
     assert pe["private"] and pe["epsilon_achieved"] <= 10 and pe["selected_matrices"] is None and "pe" in pe["wall_time_s"]
+    mepf = records["dp_mepf_eps10_seed0"]
+    assert mepf["private"] and mepf["epsilon_achieved"] <= 10 and "mepf" in mepf["wall_time_s"]
+    assert mepf["settings"]["mepf_iterations"] == 2 and mepf["selected_matrices"] is None
     for r in records.values():
         assert r["metrics"]["fid_train"] > 0 and 0 <= r["metrics"]["accuracy_wrn"] <= 1
         assert os.path.isfile(tmp_path / "results" / "grids" / f"{r['name']}.png")
@@ -29,12 +33,16 @@ def test_quick_comparison_runs_reports_and_resumes(tiny_pipeline_dir, tmp_path):
     assert "reference (same classifier trained on the real train set): accuracy_wrn 0." in report  # computed once
     assert "DP-SAPF" in report and "DP-LoRA" in report and "PE (Private Evolution" in report and os.path.isfile(tmp_path / "results_privacy_utility.png")
     assert "- PE (no training): a population of" in report and "img2img strength" in report
+    assert "- DP-MEPF (no diffusion model): one Gaussian release" in report and "DP-MEPF (feature-mean" in report
+    for method in ("no_finetune", "dp_sapf", "dp_lora", "pe", "dp_mepf"):  # one labelled panel per ε
+        assert f"grids/labelled/{method}.png" in report
+        assert os.path.isfile(tmp_path / "results" / "grids" / "labelled" / f"{method}.png")
     # every run's folder says complete: a second call does nothing but the report, also on a fresh machine
     # where only the (committed) records are left
     shutil.rmtree(tmp_path / "work")
     (tmp_path / "results" / "NOTES.md").write_text("The DP rows sit near the public model: see the probe below.\n")
     res = run_script("experiments/compare.py", args, timeout=600)
-    assert res.returncode == 0 and "4 runs, 4 complete, 0 to do" in res.stdout
+    assert res.returncode == 0 and "5 runs, 5 complete, 0 to do" in res.stdout
     assert "## Reading the table\n\nThe DP rows sit near the public model" in open(tmp_path / "results.md").read()
 
 
