@@ -85,6 +85,9 @@ def parse_args(argv=None):
                       help="Seed of the release's Gaussian noise. Default: fresh from the OS, as the guarantee "
                            "assumes. Whoever knows it can recompute the noise: fix it for tests and audits only.")
     p.set_defaults(resolution=None)  # the released images' size: the private images' own unless given
+    next(a for a in p._actions if a.dest == "resolution").help = (
+        "Size of the released images; the private images are resized to it before their features are taken, so "
+        "both sides of the match see the same pipeline (default: the private images' own size).")
     args = p.parse_args(argv)
     if (args.target_epsilon is None) == (args.noise_multiplier is None):
         p.error("Give exactly one of --target_epsilon or --noise_multiplier.")

@@ -109,6 +109,27 @@ def rho_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def overlap_table(records: list[dict], rho: float) -> list[str]:
+    """What the warm-up selection (free_selection) keeps against DP-SAPF's Gaussian-query mask of the same seed and
+    ε: shared matrices out of k, beside the k²/M two random masks of size k share on average."""
+    def masks(method):
+        return {(r["epsilon"], r["seed"]): r for r in records
+                if r["method"] == method and r["rho"] == rho and r.get("selected_matrices")}
+
+    free, sapf = masks("free_selection"), masks("dp_sapf")
+    pairs = sorted(set(free) & set(sapf))
+    if not pairs:
+        return []
+    lines = ["| target ε | seed | shared / k | random masks share (k²/M) | only in the warm-up mask (first 6) |",
+             "|---|---|---|---|---|"]
+    for eps, seed in pairs:
+        a, b = set(free[eps, seed]["selected_matrices"]), set(sapf[eps, seed]["selected_matrices"])
+        k, m = len(a), free[eps, seed]["num_candidates"]
+        only = ", ".join(short_name(n) for n in sorted(a - b)[:6])
+        lines.append(f"| {eps:g} | {seed} | {len(a & b)} / {k} | {k * k / m:.1f} | {only or '–'} |")
+    return lines
+
+
 def short_name(module: str) -> str:
     """'down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k' -> 'down1.0.attn2.k'; mid block: 'mid.0.attn1.q'."""
     parts = module.split(".")
@@ -359,6 +380,11 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
     notes = os.path.join(results_dir, NOTES_FILE)
     if os.path.isfile(notes):  # hand-written, each number beside the command that produced it; kept with the records
         lines += ["## Reading the table", "", open(notes).read().strip(), ""]
+    overlap = overlap_table(records, rho)
+    if overlap:
+        lines += ["## Which matrices the warm-up selection keeps, against DP-SAPF's mask of the same seed", "",
+                  "The warm-up selection ranks the matrices by DP-SGD's own noisy gradients (no extra ε); DP-SAPF by "
+                  "one Gaussian query over the whole set before training.", "", *overlap, ""]
     sweep = rho_table(records)
     if sweep:
         lines += ["## ρ sweep (DP-SAPF at the largest ε): which matrices are selected", "", *sweep, ""]

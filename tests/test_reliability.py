@@ -88,6 +88,8 @@ PRIVACY = ["--dataset_size", "1000", "--train_batch_size", "100", "--max_train_s
 PE = ["--pretrained_model_name_or_path", "{model}", "--train_data_dir", "{data}", "--class_prompts", "fashion_mnist",
       "--output_dir", "{out}"]
 
+MEPF = ["--train_data_dir", "{data}", "--class_prompts", "fashion_mnist", "--output_dir", "{out}"]
+
 CASES = [
     # select_salient.py: numbers
     S("select_ratio_nan", "--select_ratio nan", ["--select_ratio", "nan"], "--select_ratio must be in (0, 1]"),
@@ -319,6 +321,19 @@ CASES = [
       [*PE, "--noise_multiplier", "1e-200"], "gives no finite ε", deep=True),
     M("pe_two_budgets", "private_evolution.py", "both --target_epsilon and --noise_multiplier",
       [*PE, "--target_epsilon", "5", "--noise_multiplier", "2"], "exactly one of --target_epsilon or --noise_multiplier"),
+    # dp_mepf.py (the DP-MEPF baseline)
+    M("mepf_count_weight_one", "dp_mepf.py", "--count_weight 1 (no room left for the features)",
+      [*MEPF, "--target_epsilon", "5", "--count_weight", "1"], "--count_weight must be in (0, 1)"),
+    M("mepf_feature_resolution_small", "dp_mepf.py", "--feature_resolution 32 (below the Inception's minimum)",
+      [*MEPF, "--target_epsilon", "5", "--feature_resolution", "32"], "--feature_resolution must be an integer >= 75"),
+    M("mepf_epsilon_inf", "dp_mepf.py", "--target_epsilon inf (DP-MEPF has no non-private mode)",
+      [*MEPF, "--target_epsilon", "inf"], "no non-private mode"),
+    M("mepf_two_budgets", "dp_mepf.py", "both --target_epsilon and --noise_multiplier",
+      [*MEPF, "--target_epsilon", "5", "--noise_multiplier", "2"], "exactly one of --target_epsilon or --noise_multiplier"),
+    M("mepf_batch_below_classes", "dp_mepf.py", "--batch_size 5 with 10 classes",
+      [*MEPF, "--target_epsilon", "5", "--batch_size", "5"], "smaller than the 10 classes"),
+    M("mepf_sigma_absurd", "dp_mepf.py", "--noise_multiplier 1e-200 (no finite ε)",
+      [*MEPF, "--noise_multiplier", "1e-200"], "gives no finite ε", deep=True),
     M("compare_epsilon_nan", "experiments/compare.py", "--epsilons nan", ["plan", "--epsilons", "nan"],
       "--epsilons must be a finite number > 0"),
     M("compare_pe_strength_zero", "experiments/compare.py", "--pe_strength_end 0", ["plan", "--pe_strength_end", "0"],
