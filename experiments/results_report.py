@@ -109,6 +109,45 @@ def rho_table(records: list[dict]) -> list[str]:
     return lines
 
 
+PAIRS = (("dp_sapf", "dp_lora"), ("dp_sapf", "random_selection"), ("free_selection", "dp_sapf"),
+         ("free_selection", "dp_lora"))
+
+
+def pairwise_table(records: list[dict], rho: float, key: str = "accuracy_wrn") -> list[str]:
+    """The headline comparisons at each ε by a rule fixed before the runs: the difference of the two means counts
+    when it exceeds 2 s, s = √(s_a²/n_a + s_b²/n_b) (each method's sample standard deviation over its seeds);
+    otherwise it is not resolved. Pairs where either side has fewer than two seeds are listed as not testable."""
+    def values(method, eps):
+        return [r["metrics"][key] for r in records if r["method"] == method and r["epsilon"] == eps
+                and r["rho"] in (None, rho) and r["metrics"].get(key) is not None]
+
+    def stats(v):
+        m = sum(v) / len(v)
+        return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1) if len(v) > 1 else math.nan)
+
+    lines = []
+    for eps in sorted({r["epsilon"] for r in records if r["epsilon"] is not None}):
+        for a, b in PAIRS:
+            va, vb = values(a, eps), values(b, eps)
+            if not va or not vb:
+                continue
+            (ma, vara), (mb, varb) = stats(va), stats(vb)
+            diff = ma - mb
+            if len(va) < 2 or len(vb) < 2:
+                verdict, spread = f"not testable ({len(va)} and {len(vb)} seeds)", "–"
+            else:
+                s_diff = math.sqrt(vara / len(va) + varb / len(vb))
+                spread = f"{s_diff:.3f}"
+                verdict = (f"**{label(a, rho).replace('*', '')} higher**" if diff > 2 * s_diff else
+                           f"**{label(b, rho).replace('*', '')} higher**" if -diff > 2 * s_diff else "not resolved")
+            lines.append(f"| {eps:g} | {label(a, rho).replace('*', '')} − {label(b, rho).replace('*', '')} | "
+                         f"{len(va)} / {len(vb)} | {diff:+.3f} | {spread} | {verdict} |")
+    if not lines:
+        return []
+    return ["| target ε | difference of WRN accuracy | seeds | mean difference | s of the difference | "
+            "verdict (counts when the absolute difference > 2 s) |", "|---|---|---|---|---|---|", *lines]
+
+
 def overlap_table(records: list[dict], rho: float) -> list[str]:
     """What the warm-up selection (free_selection) keeps against DP-SAPF's Gaussian-query mask of the same seed and
     ε: shared matrices out of k, beside the k²/M two random masks of size k share on average."""
@@ -374,6 +413,9 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         f"![privacy-utility]({os.path.basename(figure)})",
         "",
     ]
+    pairs = pairwise_table(records, rho)
+    if pairs:
+        lines += ["## Does DP-SAPF beat DP-LoRA and the random mask? (rule fixed before the runs)", "", *pairs, ""]
     recipe = os.path.join(results_dir, RECIPE_FILE)
     if os.path.isfile(recipe):  # how the settings were fixed, written (and committed) before the runs
         lines += [open(recipe).read().strip(), ""]
