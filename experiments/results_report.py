@@ -30,15 +30,17 @@ def load(results_dir: str) -> list[dict]:
     return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(results_dir, "*.json")))]
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], decimals: int | None = None) -> str:
+    """mean ± sample standard deviation; 3 decimals under 10 and 1 above unless `decimals` is given."""
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     mean = sum(values) / len(values)
+    d = decimals if decimals is not None else (3 if mean < 10 else 1)
     if len(values) == 1:
-        return f"{mean:.3f}" if mean < 10 else f"{mean:.1f}"
+        return f"{mean:.{d}f}"
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.3f} ± {std:.3f}" if mean < 10 else f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.{d}f} ± {std:.{d}f}"
 
 
 def main_table(records: list[dict], rho: float) -> list[str]:
@@ -46,16 +48,17 @@ def main_table(records: list[dict], rho: float) -> list[str]:
     for r in records:
         if r["rho"] in (None, rho):
             groups[(r["method"], r["epsilon"])].append(r)
-    lines = ["| method | target ε | seeds | " + " | ".join(label for _, label in METRICS) +
-             " | ε achieved | selection share of ε | wall time (min) |", "|---" * (6 + len(METRICS)) + "|"]
+    metrics = [(key, name) for key, name in METRICS if any(r["metrics"].get(key) is not None for r in records)]
+    lines = ["| method | target ε | seeds | " + " | ".join(name for _, name in metrics) +
+             " | ε achieved | selection share of ε | wall time (min) |", "|---" * (6 + len(metrics)) + "|"]
     for (method, eps), rs in sorted(groups.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1] or math.inf)):
         share = [r["budget_split"].get("selection_share") for r in rs if r.get("budget_split")]
         lines.append(
             f"| {label(method, rho)} | {'∞' if eps is None else f'{eps:g}'} | {len(rs)} | "
-            + " | ".join(mean_std([r["metrics"].get(key) for r in rs]) for key, _ in METRICS)
+            + " | ".join(mean_std([r["metrics"].get(key) for r in rs]) for key, _ in metrics)
             + f" | {mean_std([r['epsilon_achieved'] for r in rs if r['epsilon_achieved'] not in (None, math.inf)])}"
             + f" | {mean_std([s * 100 for s in share]) + ' %' if share else '–'}"
-            + f" | {mean_std([sum(r['wall_time_s'].values()) / 60 for r in rs])} |")
+            + f" | {mean_std([sum(r['wall_time_s'].values()) / 60 for r in rs], decimals=1)} |")
     return lines
 
 
@@ -67,8 +70,9 @@ def headline_block(results_dir: str) -> str:
     so that the README can never quote other numbers than the records (tests/test_compare.py checks it)."""
     records = [r for r in load(results_dir) if r["method"] in HEADLINE + ("free_selection",)]
     rho = next((r["settings"].get("select_ratio", 0.3) for r in records), 0.3)
-    columns = [0, 1, 2, 3, 4, 6]  # method, ε, seeds, FID, WRN, ε achieved
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in main_table(records, rho)]
+    wanted = ("method", "target ε", "seeds", "FID ↓", "WRN acc ↑", "ε achieved")
+    columns = [rows[0].index(name) for name in wanted]
     keep = [[row[i] for i in columns] for row in rows]
     lines = ["| " + " | ".join(row) + " |" for row in keep[:1]] + ["|---" * len(columns) + "|"] + \
             ["| " + " | ".join(row) + " |" for row in keep[2:]]
@@ -383,7 +387,19 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         f"# Results: DP-SAPF against its baselines on {dataset}" + (" (quick CPU run)" if quick else ""),
         "",
         f"Written by `python experiments/compare.py report{scale_flag}{page_flag}` from `{results_dir_name}/*.json` "
-        "(one record per run).",
+        "(one record per run). Settings and how they were chosen: the section after the table.",
+        "",
+        *main_table(records, rho),
+        "",
+        *pending_line(records, planned),
+        "Real → real reference (same classifier trained on the real train set): "
+        + (", ".join(f"{k.removeprefix('real_reference_')} {v:.3f}" for k, v in reference.items()) or "–")
+        + reference_note + ". Wall time: the stages of the attempt that finished (a resumed run counts only its "
+        "last attempt).",
+        "",
+        f"![privacy-utility]({os.path.basename(figure)})",
+        "",
+        "## Settings",
         "",
         f"- Public model: `{settings['public_model']}` (pretrained on public data only). Sensitive set: {dataset} "
         f"train ({records[0]['num_real_train']} images), its test split for accuracy. δ = 1/N.",
@@ -402,15 +418,6 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         *pe_line(records),
         *mepf_line(records),
         f"- How the settings were chosen: {how_chosen or settings.get('how_chosen', 'not recorded')}",
-        "",
-        *main_table(records, rho),
-        "",
-        *pending_line(records, planned),
-        "Real → real reference (same classifier trained on the real train set): "
-        + (", ".join(f"{k.removeprefix('real_reference_')} {v:.3f}" for k, v in reference.items()) or "–")
-        + reference_note + ".",
-        "",
-        f"![privacy-utility]({os.path.basename(figure)})",
         "",
     ]
     pairs = pairwise_table(records, rho)
