@@ -31,7 +31,13 @@ SOURCES = {"fashion_mnist": (load_fashion_mnist, FASHION_MNIST_CLASSES),
            # MNIST-5k digit d filed under Fashion-MNIST class d, so the Fashion prompts ("An image of a trouser")
            # must be redirected to digits. The public model draws clip art for those prompts (chance accuracy),
            # so fine-tuning recipes separate on it; digits are familiar to it, so it is easier than garments.
-           "mnist5k_as_fashion": (load_mnist5k, FASHION_MNIST_CLASSES)}
+           "mnist5k_as_fashion": (load_mnist5k, FASHION_MNIST_CLASSES),
+           # A second PUBLIC stand-in whose prompts mean what its images show, as Fashion-MNIST's do: MNIST-5k with
+           # inverted intensities (dark digits on white) under the digit prompts. The public model draws white
+           # digits on black, so a classifier trained on its samples fails on the inverted test digits: a
+           # fine-tune must move the domain, not learn an arbitrary prompt-to-class map.
+           "mnist5k_inverted": (lambda: {split: (255 - images, labels)
+                                         for split, (images, labels) in load_mnist5k().items()}, MNIST_CLASSES)}
 
 
 def _first_per_class(labels: np.ndarray, k: int | None) -> np.ndarray:

@@ -14,6 +14,7 @@ RUN=${RUN_DIR:-runs/quickstart}
 MODEL=${MODEL:-models/tiny-sd-public}
 STEPS=${STEPS:-150} LR=${LR:-2e-2} BATCH=${BATCH:-250} PER_CLASS=${PER_CLASS:-100}
 CLIPPING=${CLIPPING:-automatic} K=${K:-1} DATASET=${DATASET:-fashion_mnist}
+PROMPTS=fashion_mnist; [ "$DATASET" = mnist5k_inverted ] && PROMPTS=mnist  # a stand-in with its own class list
 HELD_OUT=(--test_max_per_class 50) TEST=test
 if [ ! -f "$MODEL/model_index.json" ]; then
   echo "error: $MODEL is not a diffusers pipeline (the public model ships with the repository; see experiments/pretrain_public.py)" >&2
@@ -28,7 +29,7 @@ stage() {  # print the stage banner and record the wall time of the one that jus
   echo; echo "== $1 ($(awk -v a="$start" -v b="$now" 'BEGIN{printf "%.0f", b - a}') s)"
 }
 SAMPLE=(--num_images_per_class 30 --num_inference_steps 20 --guidance_scale 3 --batch_size 100 --output_resolution 28)
-EVAL=(--train_data_dir "$RUN/data" --class_prompts fashion_mnist --epochs 10 --classifier_depth 10 --classifier_width 1
+EVAL=(--train_data_dir "$RUN/data" --class_prompts $PROMPTS --epochs 10 --classifier_depth 10 --classifier_width 1
       --fid_max_real 500 --cache_dir "$RUN/cache")
 [ "$DATASET" = fashion_mnist ] || EVAL+=(--no_classifier_flip)  # a mirrored digit is another glyph
 
@@ -36,16 +37,16 @@ stage "real data: $DATASET, $PER_CLASS train / 50 $TEST images per class (the se
 $PY -m dp_sapf.prepare_data --name "$DATASET" --output_dir "$RUN/data" --max_per_class "$PER_CLASS" "${HELD_OUT[@]}"
 stage "1. DP saliency selection (sigma_s = 5) on the public model $MODEL"
 $PY select_salient.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$RUN/data" --resolution 32 \
-  --class_prompts fashion_mnist --select_ratio 0.3 --selection_noise_multiplier 5 --selection_clipping "$CLIPPING" \
+  --class_prompts $PROMPTS --select_ratio 0.3 --selection_noise_multiplier 5 --selection_clipping "$CLIPPING" \
   --noise_multiplicity "$K" --output "$RUN/mask.json"
 stage "2. DP-SGD LoRA training, calibrated to epsilon = 10 (selection included)"
 $PY train_dp_sapf.py --pretrained_model_name_or_path "$MODEL" --train_data_dir "$RUN/data" --resolution 32 \
-  --class_prompts fashion_mnist --saliency_mask "$RUN/mask.json" --target_epsilon 10 --train_batch_size "$BATCH" \
+  --class_prompts $PROMPTS --saliency_mask "$RUN/mask.json" --target_epsilon 10 --train_batch_size "$BATCH" \
   --max_physical_batch_size 125 --max_train_steps "$STEPS" --learning_rate "$LR" --validation_inference_steps 20 \
   --clipping "$CLIPPING" --noise_multiplicity "$K" --report_to none --output_dir "$RUN/lora" --overwrite_output_dir
 stage "3. sampling: the DP fine-tune, and the public model alone"
 $PY sample.py --pretrained_model_name_or_path "$MODEL" --lora_path "$RUN/lora" "${SAMPLE[@]}" --output_dir "$RUN/synthetic"
-$PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts fashion_mnist "${SAMPLE[@]}" \
+$PY sample.py --pretrained_model_name_or_path "$MODEL" --class_prompts $PROMPTS "${SAMPLE[@]}" \
   --output_dir "$RUN/baseline"
 stage "4. evaluation: FID (real Inception) and downstream accuracy, both synthetic sets"
 $PY evaluate.py --synthetic_dir "$RUN/synthetic" "${EVAL[@]}" --output_dir "$RUN/eval"

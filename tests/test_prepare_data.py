@@ -54,5 +54,17 @@ def test_the_quick_start_is_tuned_on_a_public_stand_in(tmp_path):
     index = int(os.path.splitext(first_trouser)[0])
     assert digits["train"][1][index] == 1
     script = open(os.path.join(REPO, "experiments", "tune_quickstart.sh")).read()
-    assert "DATASET=mnist5k_as_fashion" in script and "validation_per_class" not in script
+    assert "STANDIN=${STANDIN:-mnist5k_as_fashion}" in script and "DATASET=$STANDIN" in script
+    assert "validation_per_class" not in script
     assert "fashion_mnist" not in script.replace("--class_prompts fashion_mnist", "")
+    # the second stand-in: the same public digits, inverted, under their own (digit) class names and prompts
+    info = prepare_data.prepare("mnist5k_inverted", str(tmp_path / "inverted"), max_per_class=2, test_max_per_class=1)
+    assert info["class_names"] == prepare_data.MNIST_CLASSES
+    name = sorted(os.listdir(tmp_path / "inverted" / "train" / info["class_names"][1]))[0]
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(tmp_path / "inverted" / "train" / info["class_names"][1] / name))
+    index = int(os.path.splitext(name)[0])
+    assert digits["train"][1][index] == 1 and (pixels == 255 - digits["train"][0][index]).all()
+    quickstart = open(os.path.join(REPO, "scripts", "quickstart.sh")).read()
+    assert '[ "$DATASET" = mnist5k_inverted ] && PROMPTS=mnist' in quickstart
