@@ -16,7 +16,7 @@ def test_the_package_builds_with_its_data_files(tmp_path):
     names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
     for needed in ("dp_sapf/schemas/mask.schema.json", "dp_sapf/data/sensitive_fingerprints.npz",
                    "dp_sapf/privacy.py", "train_dp_sapf.py", "select_salient.py", "sample.py", "evaluate.py",
-                   "private_evolution.py"):
+                   "private_evolution.py", "dp_mepf.py", "dp_sapf/mepf.py"):
         assert needed in names, needed
     for line in open(os.path.join(REPO, "constraints.txt")):  # every pin is a real "name==version"
         line = line.split("#")[0].strip()
