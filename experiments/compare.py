@@ -108,9 +108,11 @@ SCALES = {
 # clipping in both stages, twice recipe 1's samples per step, the headline methods with three seeds each.
 SCALES["cpu_r2"] = {**SCALES["cpu"], "train_batch_size": 1000, "clipping": "automatic", "noise_multiplicity": 1,
                     "real_reference": False,  # recipe 1's no_finetune run measured it on the same protocol: 0.927
-                    "methods": ["no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection",
-                                "free_selection"],
+                    "methods": ["no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "free_selection", "dp_mepf",
+                                "random_selection"],
                     "multi_seed": ["dp_sapf", "dp_lora", "random_selection", "free_selection"], "rho_sweep": [],
+                    # DP-MEPF (RECIPE.md): 1,000 updates; lr 3e-3 won the public pilot (experiments/tune_mepf.sh)
+                    "mepf_iterations": 1000, "mepf_learning_rate": 3e-3,
                     "work_dir": os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "compare_cpu_r2"),
                     "results_dir": os.path.join(REPO, "results", "compare_cpu_r2")}
 
