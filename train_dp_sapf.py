@@ -59,6 +59,11 @@ def parse_args(argv=None):
                         "steps: the selection is post-processing of DP-SGD's own output and costs no extra ε.")
     g.add_argument("--warmup_select_steps", type=COUNT, default=None,
                    help="W of --lora_target warmup_select (default: a tenth of --max_train_steps, at least 1).")
+    g.add_argument("--warmup_dropped", choices=["reset", "frozen"], default=None,
+                   help="--lora_target warmup_select: what becomes of the warm-up LoRA of the matrices not kept. "
+                        "reset (default): removed, so the release adapts the kept matrices only; frozen: kept at its "
+                        "value after step W and no longer trained, so the release adapts every candidate (the kept "
+                        "ones trained for all T steps). Either way it is post-processing of the same noisy steps.")
     g.add_argument("--select_ratio", type=PROBABILITY, default=0.3,
                    help="ρ of --lora_target warmup_select: keep the top ⌈ρ·M⌉ candidate matrices.")
     g.add_argument("--candidate_pool", choices=["attention_qkv", "attention_qkvo"], default="attention_qkv",
@@ -182,8 +187,12 @@ def parse_args(argv=None):
         if args.saliency_mask or args.train_mode != "lora":
             p.error("--lora_target warmup_select chooses its own matrices and trains LoRA: drop --saliency_mask and "
                     "--train_mode.")
-    elif args.warmup_select_steps is not None:
-        p.error("--warmup_select_steps belongs to --lora_target warmup_select.")
+        if args.warmup_dropped == "frozen" and (args.compile or args.per_sample_engine == "opacus"):
+            p.error("--warmup_dropped frozen keeps adapters the per-sample engine no longer tracks: it runs on the "
+                    "hooks engine only (drop --compile and --per_sample_engine opacus).")
+        args.warmup_dropped = args.warmup_dropped or "reset"
+    elif args.warmup_select_steps is not None or args.warmup_dropped is not None:
+        p.error("--warmup_select_steps and --warmup_dropped belong to --lora_target warmup_select.")
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         p.error("--overwrite_output_dir starts a new run; it cannot --resume_from_checkpoint.")
     return args
@@ -278,7 +287,8 @@ def main(argv=None):
         warmup = {"state": None, "kept": None}
         if resume is not None:  # a checkpoint after step W trains only the matrices kept at W
             warmup.update(run_folder.read_checkpoint_extra(resume).get("warmup") or {})
-        target_modules = warmup["kept"] or list(candidates)
+        # reset: after step W only the kept matrices carry LoRA; frozen: every candidate keeps its adapter
+        target_modules = (warmup["kept"] if args.warmup_dropped == "reset" else None) or list(candidates)
     else:
         target_modules = (list(mask["target_modules"]) if mask is not None else
                           None if args.train_mode == "full" else
@@ -286,9 +296,11 @@ def main(argv=None):
     # rows of one micro-batch: whole samples of K copies each, at most --max_physical_batch_size (at least one sample)
     padded_rows = max(1, args.max_physical_batch_size // args.noise_multiplicity) * args.noise_multiplicity
 
-    def trainable(modules):
-        """LoRA (or the weights) of `modules`, their per-sample engine and the step that clips, sums and noises."""
-        named = modeling.make_trainable(parts.denoiser, args.train_mode, modules, args.rank, args.lora_alpha)
+    def trainable(modules, named=None):
+        """LoRA (or the weights) of `modules`, their per-sample engine and the step that clips, sums and noises;
+        `named`: train these existing tensors instead of adding new ones (the kept part of a frozen warm-up)."""
+        if named is None:
+            named = modeling.make_trainable(parts.denoiser, args.train_mode, modules, args.rank, args.lora_alpha)
         params = list(named.values())
         model, engine = parts.denoiser, None
         if private:
@@ -308,10 +320,15 @@ def main(argv=None):
 
     named, step_gradients, optimizer = trainable(target_modules)
     scores = saliency.NoisyGradientScores(named) if warmup is not None else None
+    # What a checkpoint holds: the trained tensors, and under --warmup_dropped frozen the frozen adapters too.
+    checkpoint_tensors = named
     # A checkpoint to resume must hold this run's privacy parameters and tensors: checked before anything is written.
     if resume is not None:
         run_folder.check_checkpoint(
-            resume, named, lambda state: privacy.PrivacyLedger.from_state_dict(state).check_compatible(ledger))
+            resume, checkpoint_tensors,
+            lambda state: privacy.PrivacyLedger.from_state_dict(state).check_compatible(ledger))
+        if warmup is not None and warmup["kept"] is not None and args.warmup_dropped == "frozen":
+            named, step_gradients, optimizer = freeze_dropped(named, warmup["kept"], trainable)
 
     # Encoding reads every image: an unreadable one fails here, before the output folder is touched.
     timings = timing.Timings(device)
@@ -336,7 +353,7 @@ def main(argv=None):
             accelerator.print("No checkpoint to resume from: starting a new run.")
         if resume is not None:
             saved = run_folder.load_checkpoint(
-                resume, named, optimizer, lr_scheduler,
+                resume, checkpoint_tensors, optimizer, lr_scheduler,
                 check_ledger=lambda state: privacy.PrivacyLedger.from_state_dict(state).check_compatible(ledger))
             first_step, dp_seed = saved["step"], saved["dp_seed"]
             if warmup is not None and warmup["state"] is not None and warmup["kept"] is None:
@@ -386,8 +403,13 @@ def main(argv=None):
                 warmup["state"] = scores.state_dict()
                 warmup["kept"] = saliency.rank_and_select(scores.scores, args.select_ratio, "matrix",
                                                           saliency.DP_SGD_SCORER)
-                named, step_gradients, optimizer = keep_selected(parts.denoiser, named, warmup["kept"], trainable,
-                                                                 optimizer, lr_scheduler)
+                if args.warmup_dropped == "frozen":
+                    named, step_gradients, optimizer = freeze_dropped(named, warmup["kept"], trainable, optimizer,
+                                                                      lr_scheduler)
+                else:
+                    named, step_gradients, optimizer = keep_selected(parts.denoiser, named, warmup["kept"],
+                                                                     trainable, optimizer, lr_scheduler)
+                    checkpoint_tensors = named
                 accelerator.print(f"Warm-up selection after {step + 1} DP-SGD steps: kept {len(warmup['kept'])} of "
                                   f"{len(scores.scores)} matrices (post-processing of those steps: no extra ε).")
 
@@ -403,7 +425,7 @@ def main(argv=None):
                     step + 1 < args.max_train_steps and accelerator.is_main_process:
                 if warmup is not None and warmup["kept"] is None:
                     warmup["state"] = scores.state_dict()
-                run_folder.save_checkpoint(args.output_dir, step + 1, named, optimizer, lr_scheduler,
+                run_folder.save_checkpoint(args.output_dir, step + 1, checkpoint_tensors, optimizer, lr_scheduler,
                                            ledger.state_dict(), dp_seed, args.seed, keep=args.checkpoints_total_limit,
                                            extra=None if warmup is None else {"warmup": warmup})
             if args.validation_steps and (step + 1) % args.validation_steps == 0 and accelerator.is_main_process:
@@ -444,12 +466,32 @@ def keep_selected(denoiser, named, kept, trainable, optimizer, lr_scheduler):
     return new_named, step_gradients, new_optimizer
 
 
+def freeze_dropped(named, kept, trainable, optimizer=None, lr_scheduler=None):
+    """After the warm-up (--warmup_dropped frozen): the dropped matrices' LoRA stays at its warm-up value and stops
+    training; the kept ones go on with their Adam moments, under a per-sample engine over them alone."""
+    kept_named = {k: p for k, p in named.items() if k.split(".lora_", 1)[0] in set(kept)}
+    for k, p in named.items():
+        if k not in kept_named:
+            p.requires_grad_(False)
+            p.grad = None
+    new_named, step_gradients, new_optimizer = trainable(kept, kept_named)
+    if optimizer is not None:
+        for p in new_named.values():
+            if optimizer.state.get(p):
+                new_optimizer.state[p] = optimizer.state[p]
+        lr_scheduler.optimizer = new_optimizer  # the schedule goes on from the same step count
+        for group in new_optimizer.param_groups:
+            group["lr"] = lr_scheduler.get_last_lr()[0]
+    return new_named, step_gradients, new_optimizer
+
+
 def warmup_mask(args, candidates, warmup, ledger, n, class_names, prompts, backbone) -> dict:
     """The mask a warm-up selection chose, in the mask schema (mechanism dp_sgd_postprocessing: free here, and
     refused as --saliency_mask of any other run, whose training would not account these steps)."""
     state = warmup["state"]
     result = saliency.SelectionResult(state["scores"], warmup["kept"], n)
     record = {"mechanism": saliency.DP_SGD_MECHANISM, "warmup_steps": int(args.warmup_select_steps),
+              "dropped_lora": args.warmup_dropped,
               "noise_multiplier": float(ledger.noise_multiplier), "max_grad_norm": float(args.max_grad_norm),
               "sample_rate": float(ledger.sample_rate), "dataset_size": int(n),
               "neighbouring": "add/remove one image; N treated as public",

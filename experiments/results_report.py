@@ -12,8 +12,8 @@ import os
 from collections import defaultdict
 
 ORDER = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
-         "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "free_selection", "pe",
-         "dp_mepf")
+         "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "free_selection",
+         "free_selection_frozen", "pe", "dp_mepf")
 LABELS = {"no_finetune": "no fine-tuning (public model)", "nonprivate_lora": "LoRA, all attention, no DP",
           "dp_sapf": "**DP-SAPF** (ρ = {rho:g})", "dp_lora": "DP-LoRA (all attention)",
           "random_selection": "random selection (ρ = {rho:g})", "layer_selection": "layer-level selection",
@@ -21,7 +21,8 @@ LABELS = {"no_finetune": "no fine-tuning (public model)", "nonprivate_lora": "Lo
           "exponential_selection": "DP-SAPF, exponential mechanism", "ptr_selection": "DP-SAPF, propose-test-release",
           "snip_selection": "DP-SAPF, SNIP score", "synflow_selection": "DP-SAPF, SynFlow score (data-free)",
           "debiased_selection": "DP-SAPF, debiased Gaussian score",
-          "free_selection": "warm-up selection from DP-SGD's noisy gradients (ρ = {rho:g}, no extra ε)", "pe": "PE (Private Evolution, no fine-tuning)",
+          "free_selection": "warm-up selection from DP-SGD's noisy gradients (ρ = {rho:g}, no extra ε)",
+          "free_selection_frozen": "warm-up selection, dropped warm-up LoRA kept frozen (ρ = {rho:g})", "pe": "PE (Private Evolution, no fine-tuning)",
           "dp_mepf": "DP-MEPF (feature-mean release + generator, no diffusion model)"}
 METRICS = (("fid_train", "FID ↓"), ("accuracy_wrn", "WRN acc ↑"), ("accuracy_resnet", "ResNet acc ↑"))
 

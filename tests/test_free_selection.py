@@ -73,3 +73,44 @@ def test_warmup_selection_run_costs_only_its_training_steps(tiny_pipeline_dir, f
         assert set(a) == set(b)
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6), (stop, k)
+
+
+def test_frozen_warmup_keeps_the_dropped_adapters_at_their_warmup_value(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    """--warmup_dropped frozen: the release adapts every candidate; a dropped matrix's LoRA is exactly its value
+    after step W (nonzero: it was trained W steps), a kept one trained on; a resume across W gives the same run."""
+    from safetensors.torch import load_file
+
+    frozen = FREE + ["--warmup_dropped", "frozen"]
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *frozen))
+    assert res.returncode == 0, res.stderr[-3000:]
+    mask = saliency.read_mask(os.path.join(full, "saliency_mask.json"))
+    assert mask["privacy"]["dropped_lora"] == "frozen"
+    kept = set(mask["target_modules"])
+    released = {k.removeprefix("unet."): v for k, v in lora_tensors(full).items()}
+    assert {k.split(".lora", 1)[0] for k in released} == set(mask["candidates"])
+    # the same run stopped right after the selection step: its checkpoint holds every adapter at step W
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, stopped, *frozen,
+                                                    "--stop_after_steps", "2"))
+    assert res.returncode == 0 and "Stopped after step 2" in res.stdout, res.stderr[-3000:]
+    at_w = load_file(os.path.join(stopped, "checkpoint-2", "trainable.safetensors"))
+    assert {k.split(".lora_", 1)[0] for k in at_w} == set(mask["candidates"])
+
+    def factor(key):  # peft's lora_A/lora_B and diffusers' names of the same tensor
+        return "A" if ".lora_A." in key or ".lora.down." in key else "B"
+
+    for key, value in at_w.items():
+        module = key.split(".lora_", 1)[0]
+        (out,) = [v for k, v in released.items() if k.split(".lora", 1)[0] == module and factor(k) == factor(key)]
+        if module in kept:
+            assert not torch.equal(out, value), key  # trained for T - W more steps
+        else:
+            assert torch.equal(out, value), key
+            assert factor(key) == "A" or value.abs().sum() > 0  # lora_B left zero by W steps would prove nothing
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, stopped, *frozen,
+                                                    "--resume_from_checkpoint", "latest", "--dp_seed", "999"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = {k.removeprefix("unet."): v for k, v in lora_tensors(stopped).items()}
+    assert set(resumed) == set(released)
+    for k in released:
+        assert torch.allclose(released[k], resumed[k], atol=1e-6), k
