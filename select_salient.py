@@ -33,6 +33,11 @@ def parse_args(argv=None):
                    help="σ_s of the Gaussian mechanism (default 5, the paper's): the noise std is σ_s·C_s/N on each mean "
                         "gradient, RDP ε(α) = α/(2σ_s²). The exponential and PTR mechanisms and the data-free scorers "
                         "add no Gaussian noise: giving it with them is an error.")
+    g.add_argument("--selection_sample_rate", type=FRACTION, default=1.0,
+                   help="q_s: the Gaussian query reads a Poisson subsample of the images (each one in with probability "
+                        "q_s, drawn from the secret --dp_seed), its clipped sum divided by the expected q_s·N. Its cost "
+                        "is one Poisson-subsampled Gaussian step, far below the full query's at small q_s, and the pass "
+                        "costs q_s of the time. Default 1: every image, the paper's query.")
     g.add_argument("--selection_max_grad_norm", type=POSITIVE, default=1.0,
                    help="C_s: each sample's gradient over ALL candidate matrices is clipped jointly to this norm.")
     add_clipping_args(g, prefix="selection_", bound="C_s")
@@ -91,6 +96,10 @@ def parse_args(argv=None):
     if args.selection_mechanism == "gaussian" and args.selection_epsilon is not None:
         parser.error("--selection_epsilon sets the exponential or PTR mechanism's budget; the Gaussian one is set by "
                      "--selection_noise_multiplier (σ_s). Add --selection_mechanism exponential|ptr.")
+    if args.selection_sample_rate < 1 and (data_free or args.selection_mechanism != "gaussian"):
+        parser.error("--selection_sample_rate subsamples the Gaussian query: " + (
+            f"--scorer {args.scorer} reads no data." if data_free else
+            f"--selection_mechanism {args.selection_mechanism} ranks exact scores of every image."))
     if args.selection_delta is not None and args.selection_mechanism != "ptr":
         parser.error("--selection_delta is PTR's δ_s: it needs --selection_mechanism ptr.")
     if os.path.isdir(args.output):
@@ -138,6 +147,7 @@ def main(argv=None):
         scorer=args.scorer, mechanism=args.selection_mechanism, noise_multiplier=args.selection_noise_multiplier,
         max_grad_norm=args.selection_max_grad_norm, dataset_size=n, epsilon=args.selection_epsilon, delta=delta,
         num_picks=saliency.num_selected(args.select_ratio, len(units)), ptr=result.ptr,
+        sample_rate=None if data_free else args.selection_sample_rate,
         sensitivity=None if data_free or args.selection_mechanism == "gaussian" else saliency.score_sensitivity(
             modules, units, args.scorer, args.selection_max_grad_norm, n))
     mask = saliency.build_mask(
@@ -153,11 +163,12 @@ def main(argv=None):
         saliency.write_mask(mask, args.output)
         summary = timings.summary()
         if not data_free:  # the pass itself, as bench_step.py times it: the encoding stage (inside it) is apart
-            summary["saliency_images_per_s"] = round(n / (summary["saliency_pass_s"] - summary["encode_latents_s"]), 2)
+            summary["saliency_images_per_s"] = round(
+                result.num_samples / (summary["saliency_pass_s"] - summary["encode_latents_s"]), 2)
         atomic.write_json(os.path.splitext(args.output)[0] + ".timings.json", summary)  # beside, not in, the release
         if (args.scorer == "grad_norm" and args.granularity == "matrix" and args.selection_mechanism == "gaussian"
                 and args.selection_noise_multiplier > 0):
-            warn_if_noise_dominates(result, modules, args, n)
+            warn_if_noise_dominates(result, modules, args, n * args.selection_sample_rate)
         if result.ptr is not None and not result.ptr["passed"]:
             print("warning: PTR's test failed (the top k is not stable enough for this ε_s, δ_s): the mask is a "
                   "random one drawn from --seed. Its cost is still spent.", file=sys.stderr)
@@ -167,8 +178,12 @@ def main(argv=None):
 
 
 def private_selection(args, parts, images, prompts, modules, accelerator, dp_seed, delta, weight_dtype, timings):
-    """One pass over the data: clipped per-sample gradients, then the chosen mechanism."""
+    """One pass over the data (or its Poisson subsample): clipped per-sample gradients, then the chosen mechanism."""
     device, n = accelerator.device, len(images)
+    rate = args.selection_sample_rate
+    # every image in with probability q_s, from the secret seed (identical on every rank); q_s = 1: all of them
+    indices = torch.arange(n) if rate >= 1 else \
+        data.poisson_sample(n, rate, seeded_generator(dp_seed, "selection-poisson", device=device))
     encoding = timing.Timings(device, warmup_units=1)  # steady images/s after the first batch, as the bench times it
     with timings.stage("encode_latents"):
         cache = data.encode_latents(parts.vae, images, args.resolution, random_flip=args.random_flip,
@@ -178,15 +193,16 @@ def private_selection(args, parts, images, prompts, modules, accelerator, dp_see
     prompt_embeds = modeling.encode_prompts(parts, prompts, device)
     # each image's diffusion draws come from the secret seed, keyed by the image itself (docs/design.md §1)
     batches = data.micro_batches(
-        cache, prompt_embeds, torch.arange(n), rank=accelerator.process_index,
+        cache, prompt_embeds, indices, rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         micro_batch_size=math.ceil(args.selection_batch_size / accelerator.num_processes),
         num_train_timesteps=parts.noise_scheduler.config.num_train_timesteps, secret_seed=dp_seed,
         stream=("selection",), device=device, multiplicity=args.noise_multiplicity)
-    progress = tqdm(total=n, desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
+    progress = tqdm(total=len(indices), desc="Saliency pass", unit="img", disable=not accelerator.is_main_process)
     loss_fn = modeling.diffusion_loss_fn(parts.denoiser, parts.noise_scheduler, accelerator.autocast)
     result = saliency.select_salient(
-        loss_fn, modules, batches, dataset_size=n, scorer=args.scorer, mechanism=args.selection_mechanism,
+        # the normaliser: N, or the expected subsample size q_s·N (the sum over a Poisson sample estimates q_s × the full sum)
+        loss_fn, modules, batches, dataset_size=n * rate, scorer=args.scorer, mechanism=args.selection_mechanism,
         noise_multiplier=args.selection_noise_multiplier, max_grad_norm=args.selection_max_grad_norm,
         epsilon=args.selection_epsilon, delta=delta, ratio=args.select_ratio, granularity=args.granularity,
         noise_generator=seeded_generator(dp_seed, "selection-noise", device=device),
@@ -195,8 +211,8 @@ def private_selection(args, parts, images, prompts, modules, accelerator, dp_see
         clipping=args.selection_clipping, automatic_gamma=args.selection_automatic_clipping_gamma,
         multiplicity=args.noise_multiplicity)
     progress.close()
-    if result.num_samples != n:
-        raise RuntimeError(f"The pass saw {result.num_samples} samples, expected {n}.")
+    if result.num_samples != len(indices):
+        raise RuntimeError(f"The pass saw {result.num_samples} samples, expected {len(indices)}.")
     return result
 
 

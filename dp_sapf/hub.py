@@ -79,7 +79,9 @@ def selection_summary(report: dict) -> str:
     if mechanism == "ptr":
         return f"propose-test-release, ε_s = {report.get('selection_epsilon')}, δ_s = {report.get('selection_delta'):.3g}"
     if mechanism == "gaussian":
-        return f"Gaussian, σ_s = {report.get('selection_noise_multiplier')}"
+        rate = report.get("selection_sample_rate")
+        return f"Gaussian, σ_s = {report.get('selection_noise_multiplier')}" + (
+            "" if rate is None else f", over a Poisson subsample of rate q_s = {rate:g}")
     return "none" if mechanism is None else "data-independent (free)"
 
 
@@ -144,6 +146,7 @@ def write_model_card(output_dir: str, *, repo_id: str | None, base_model: str, r
         "noise_multiplier": report["noise_multiplier"] if private else None,
         "selection_mechanism": report.get("selection_mechanism"),
         "selection_noise_multiplier": report.get("selection_noise_multiplier"),
+        "selection_sample_rate": report.get("selection_sample_rate"),
         "selection_epsilon": report.get("selection_epsilon"), "selection_delta": report.get("selection_delta"),
         "max_grad_norm": report["max_grad_norm"], "sample_rate": report["sample_rate"], "steps": report["steps"],
         "dataset_size": report["dataset_size"], "selection_share": split.get("selection_share"),

@@ -2,7 +2,8 @@
 
 Two mechanisms compose (add/remove one image; N, prompts and the public model are public):
 - selection, one of (`SELECTION_MECHANISMS`, the paper §6.4):
-  gaussian: one Gaussian mechanism with noise multiplier σ_s, RDP ε(α) = α / (2σ_s²);
+  gaussian: one Gaussian mechanism with noise multiplier σ_s, RDP ε(α) = α / (2σ_s²); over a Poisson
+    subsample of rate q_s < 1 (select_salient.py --selection_sample_rate), one Poisson-subsampled Gaussian step;
   exponential: k-fold peeling exponential mechanism (one-shot Gumbel top-k), ε_s/k per pick, each pick
     ε_s/k-bounded-range hence (ε_s/k)²/8-zCDP (Cesar & Rogers 2021): RDP ε(α) = α·ε_s²/(8k); pure ε_s-DP;
   ptr: propose-test-release, (ε_p, δ_p)-DP, added to the training's ε by basic composition (training is
@@ -57,6 +58,11 @@ class SelectionCost:
     epsilon: float | None = None
     delta: float | None = None
     num_picks: int | None = None
+    sample_rate: float | None = None  # gaussian only: q_s of a Poisson-subsampled query (None: every image)
+
+    @property
+    def subsampled(self) -> bool:
+        return self.mechanism == "gaussian" and self.sample_rate is not None and self.sample_rate < 1
 
     @property
     def free(self) -> bool:
@@ -76,6 +82,8 @@ class SelectionCost:
             return orders * self.epsilon ** 2 / (8.0 * self.num_picks)
         if self.noise_multiplier == 0:
             return np.full_like(orders, np.inf)
+        if self.subsampled:
+            return _training_rdp(self.noise_multiplier, self.sample_rate, 1, orders)
         with np.errstate(divide="ignore", over="ignore"):  # an absurd σ_s gives inf, refused by the ledger
             return orders / (2.0 * self.noise_multiplier ** 2)
 
@@ -127,8 +135,14 @@ class SelectionCost:
                                  f"(a finite number{' > 0' if positive else ' >= 0'}) to account its cost.")
         if mechanism == "none":
             return cls(None, "none", scorer=scorer)
+        rate = record.get("sample_rate")
+        if rate is not None and (mechanism != "gaussian" or isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not 0 < rate <= 1):
+            raise ValueError(f"The mask's field 'privacy.sample_rate' is {rate!r}: a Poisson-subsampled selection "
+                             "needs a rate in (0, 1], and only the gaussian mechanism has one.")
         return cls(record.get("noise_multiplier"), mechanism, record.get("max_grad_norm"), scorer,
-                   record.get("dataset_size"), record.get("epsilon"), record.get("delta"), record.get("num_picks"))
+                   record.get("dataset_size"), record.get("epsilon"), record.get("delta"), record.get("num_picks"),
+                   None if rate is None else float(rate))
 
 
 def finite_or_none(value):
@@ -142,11 +156,16 @@ def default_selection_delta(dataset_size: int) -> float:
 
 
 def planned_selection(mechanism: str, *, noise_multiplier: float | None, epsilon: float | None,
-                      delta: float | None, num_picks: int, dataset_size: int) -> SelectionCost | None:
+                      delta: float | None, num_picks: int, dataset_size: int,
+                      sample_rate: float | None = None) -> SelectionCost | None:
     """The SelectionCost of a planned selection (None: a Gaussian one without σ_s, i.e. no selection stage)."""
+    if sample_rate is not None and mechanism != "gaussian":
+        raise ValueError("--selection_sample_rate subsamples the Gaussian query; the exponential and PTR "
+                         "mechanisms read every image.")
     if mechanism == "gaussian":
         return None if noise_multiplier is None else SelectionCost(
-            check_noise_multiplier(noise_multiplier, "--selection_noise_multiplier"))
+            check_noise_multiplier(noise_multiplier, "--selection_noise_multiplier"),
+            sample_rate=None if sample_rate is None or sample_rate >= 1 else float(sample_rate))
     if mechanism == "ptr" and delta is None:
         delta = default_selection_delta(dataset_size)
     check_selection_budget(mechanism, epsilon, delta, num_picks)
@@ -259,7 +278,8 @@ def _dp_event(noise_multiplier, sample_rate, steps, selection):
 
     events = []
     if selection is not None and not selection.free:
-        events.append(dp_event.GaussianDpEvent(selection.noise_multiplier))
+        query = dp_event.GaussianDpEvent(selection.noise_multiplier)
+        events.append(dp_event.PoissonSampledDpEvent(selection.sample_rate, query) if selection.subsampled else query)
     if steps > 0 and sample_rate > 0:
         events.append(dp_event.SelfComposedDpEvent(
             dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier)), steps))
@@ -282,7 +302,8 @@ def _numerical_epsilon(accountant, noise_multiplier, sample_rate, steps, delta, 
     from opacus.accountants import PRVAccountant
 
     acc = PRVAccountant()
-    acc.history = ([(selection.noise_multiplier, 1.0, 1)] if has_selection else []) + (
+    acc.history = ([(selection.noise_multiplier, selection.sample_rate if selection.subsampled else 1.0, 1)]
+                   if has_selection else []) + (
         [(noise_multiplier, sample_rate, steps)] if steps > 0 and sample_rate > 0 else [])
     with np.errstate(divide="ignore", invalid="ignore"):
         return float(acc.get_epsilon(delta))
@@ -461,6 +482,7 @@ class PrivacyLedger:
             "selection_epsilon": None if selection is None else selection.epsilon,
             "selection_delta": None if selection is None else selection.delta,
             "selection_max_grad_norm": None if selection is None else selection.max_grad_norm,
+            "selection_sample_rate": None if selection is None or not selection.subsampled else selection.sample_rate,
             "budget_split": {} if not self.private else {
                 "epsilon_selection_only": finite_or_none(spent.epsilon_selection_only),
                 "epsilon_training_only": finite_or_none(spent.epsilon_training_only),
@@ -503,7 +525,9 @@ REPORT_FIELDS = {
     "selection_noise_multiplier": "σ_s of a Gaussian selection (None otherwise)",
     "selection_epsilon": "ε_s of an exponential (pure, all picks) or PTR selection",
     "selection_delta": "δ_s of a PTR selection (training is accounted at δ − δ_s)",
-    "selection_max_grad_norm": "C_s", "budget_split": "ε of each stage alone and the selection's share",
+    "selection_max_grad_norm": "C_s",
+    "selection_sample_rate": "q_s of a Gaussian selection over a Poisson subsample (None: every image)",
+    "budget_split": "ε of each stage alone and the selection's share",
     "neighbouring": "the neighbouring relation",
     "dataset_size": "N", "expected_batch_size": "B", "target_epsilon": "the requested ε",
     "train_mode": "lora | direct | full", "lora_target": "mask | all_attention", "rank": "LoRA rank",
@@ -518,7 +542,7 @@ REPORT_FIELDS = {
 
 def main(argv=None):
     from .atomic import dumps_json
-    from .cli import COUNT, POSITIVE, PROBABILITY, ArgumentParser
+    from .cli import COUNT, FRACTION, POSITIVE, PROBABILITY, ArgumentParser
 
     parser = ArgumentParser(prog="python -m dp_sapf.privacy", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -538,6 +562,8 @@ def main(argv=None):
                         help="ε_s of an exponential or PTR selection.")
     parser.add_argument("--selection_delta", type=PROBABILITY, default=None,
                         help="δ_s of a PTR selection (default 1/(10N)); training gets δ − δ_s.")
+    parser.add_argument("--selection_sample_rate", type=FRACTION, default=None,
+                        help="q_s of a Gaussian selection over a Poisson subsample (default: every image).")
     parser.add_argument("--num_selected", type=COUNT, default=29,
                         help="k, the exponential mechanism's number of picks (SD-v1.5: ⌈0.3·96⌉ = 29).")
     parser.add_argument("--no_selection", action="store_true", help="No selection stage (e.g. random mask, DP-LoRA).")
@@ -553,7 +579,8 @@ def main(argv=None):
     try:
         selection = None if args.no_selection else planned_selection(
             args.selection_mechanism, noise_multiplier=args.selection_noise_multiplier, epsilon=args.selection_epsilon,
-            delta=args.selection_delta, num_picks=args.num_selected, dataset_size=args.dataset_size)
+            delta=args.selection_delta, num_picks=args.num_selected, dataset_size=args.dataset_size,
+            sample_rate=args.selection_sample_rate)
         ledger = PrivacyLedger.plan(
             dataset_size=args.dataset_size, expected_batch_size=args.train_batch_size, steps=args.max_train_steps,
             max_grad_norm=1.0, accountant=args.accountant, delta=args.target_delta,

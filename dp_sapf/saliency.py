@@ -368,8 +368,10 @@ def synflow_scores(model: nn.Module, modules: dict[str, nn.Linear], forward) -> 
 
 def mask_privacy(*, scorer: str, mechanism: str, noise_multiplier: float, max_grad_norm: float,
                  dataset_size: int | None, epsilon: float | None = None, delta: float | None = None,
-                 num_picks: int | None = None, sensitivity: float | None = None, ptr: dict | None = None) -> dict:
-    """The mask's privacy record (`privacy.SelectionCost.from_mask` reads it)."""
+                 num_picks: int | None = None, sensitivity: float | None = None, ptr: dict | None = None,
+                 sample_rate: float | None = None) -> dict:
+    """The mask's privacy record (`privacy.SelectionCost.from_mask` reads it). sample_rate: q_s of a Gaussian
+    query over a Poisson subsample (the clipped sum is divided by the expected q_s·N, not by N)."""
     if scorer in DATA_FREE_SCORERS:
         return {"mechanism": "none", "note": f"data-independent ({scorer} reads no images): no privacy cost",
                 "noise_multiplier": None, "max_grad_norm": None, "dataset_size": None}
@@ -377,11 +379,19 @@ def mask_privacy(*, scorer: str, mechanism: str, noise_multiplier: float, max_gr
               "neighbouring": "add/remove one image; N treated as public"}
     if mechanism == "gaussian":
         per_sample = "C_s" if scorer != "fisher" else "C_s^2"
-        record.update(
-            noise_multiplier=noise_multiplier,
-            sensitivity=f"{per_sample}/N = {max_grad_norm ** (2 if scorer == 'fisher' else 1)}/{dataset_size}",
-            noise_std=noise_multiplier * max_grad_norm ** (2 if scorer == "fisher" else 1) / dataset_size,
-            rdp="epsilon(alpha) = alpha / (2 * noise_multiplier**2), one release")
+        bound = max_grad_norm ** (2 if scorer == "fisher" else 1)
+        if sample_rate is not None and sample_rate < 1:
+            record.update(
+                noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                sensitivity=f"{per_sample}/(q_s*N) = {bound}/({sample_rate}*{dataset_size})",
+                noise_std=noise_multiplier * bound / (sample_rate * dataset_size),
+                rdp="one step of the Poisson-subsampled Gaussian mechanism (rate sample_rate, noise_multiplier)")
+        else:
+            record.update(
+                noise_multiplier=noise_multiplier,
+                sensitivity=f"{per_sample}/N = {bound}/{dataset_size}",
+                noise_std=noise_multiplier * bound / dataset_size,
+                rdp="epsilon(alpha) = alpha / (2 * noise_multiplier**2), one release")
         if noise_multiplier == 0:
             record["note"] = "NOT private: sigma_s = 0 releases exact scores"
         return record

@@ -198,3 +198,38 @@ def test_an_absurd_noise_multiplier_is_refused_not_reported_as_private(sigma, si
     with pytest.raises(ValueError, match="no finite ε"):
         privacy.PrivacyLedger.plan(dataset_size=1000, expected_batch_size=100, steps=10, max_grad_norm=1.0,
                                    noise_multiplier=sigma, selection=SelectionCost(sigma_s) if sigma_s else None)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.5])
+def test_subsampled_selection_equals_dp_accounting(rate):
+    """select_salient.py --selection_sample_rate: the selection is one Poisson-subsampled Gaussian step, composed
+    with training exactly as dp-accounting composes the same events; cheaper than the full query, and tighter
+    (never looser) under the numerical accountants."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import RdpAccountant
+
+    n, q, steps, sigma = 60000, 1000 / 60000, 100, 0.6
+    selection = SelectionCost(5.0, sample_rate=rate)
+    ours = privacy.compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1 / n, selection=selection)
+    acc = RdpAccountant(orders=list(privacy.RDP_ORDERS))
+    acc.compose(dp_event.ComposedDpEvent([
+        dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(5.0)),
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)]))
+    assert ours.epsilon == pytest.approx(acc.get_epsilon(1 / n), rel=1e-6)
+    full = privacy.compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1 / n,
+                                   selection=SelectionCost(5.0))
+    assert ours.epsilon_selection_only < full.epsilon_selection_only and ours.epsilon < full.epsilon
+    for accountant in ("pld", "prv"):
+        tight = privacy.compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1 / n,
+                                        selection=selection, accountant=accountant)
+        assert tight.epsilon <= ours.epsilon * (1 + 1e-6)
+    # the mask's record is what the ledger reads; a rate on another mechanism, or outside (0, 1], is refused
+    record = {"mechanism": "gaussian", "noise_multiplier": 5.0, "max_grad_norm": 1.0, "dataset_size": n,
+              "sample_rate": rate}
+    assert SelectionCost.from_mask({"scorer": "grad_norm", "privacy": record}).sample_rate == rate
+    for bad in (0, 1.5, "0.1", True):
+        with pytest.raises(ValueError, match="sample_rate"):
+            SelectionCost.from_mask({"scorer": "grad_norm", "privacy": {**record, "sample_rate": bad}})
+    # a rate of 1 is the full query
+    assert privacy.planned_selection("gaussian", noise_multiplier=5.0, epsilon=None, delta=None, num_picks=29,
+                                     dataset_size=n, sample_rate=1.0) == SelectionCost(5.0)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dp_sapf import modeling, saliency
+from dp_sapf import modeling, privacy, saliency
 from dp_sapf.seeding import seeded_generator
 
 from helpers import accelerate_two_processes, run_script, select_args
@@ -340,3 +340,30 @@ def test_debiased_scores_are_the_same_query_minus_the_noise_share(parts):
     with pytest.raises(ValueError, match="gaussian"):
         saliency.select_salient(selection_loss(parts), modules, [], scorer="grad_norm_debiased", mechanism="ptr",
                                 epsilon=1.0, delta=1e-5, noise_generator=seeded_generator(5, "t"), **kw)
+
+
+def test_subsampled_query_reads_a_secret_poisson_sample(tiny_pipeline_dir, fashion_data_dir, tmp_path):
+    """--selection_sample_rate q_s: each image is in with probability q_s, drawn from the secret --dp_seed (not the
+    public --seed); the noise std is σ_s·C_s/(q_s·N); the record carries q_s, and the ledger accounts one
+    Poisson-subsampled Gaussian step for it."""
+    def selected(name, *extra):
+        out = str(tmp_path / f"{name}.json")
+        res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, out) + ["--selection_sample_rate", "0.5", *extra])
+        assert res.returncode == 0, res.stderr[-3000:]
+        return saliency.read_mask(out)
+
+    mask = selected("a", "--dp_seed", "1")
+    record = mask["privacy"]
+    assert record["sample_rate"] == 0.5 and record["dataset_size"] == 40
+    assert record["noise_std"] == pytest.approx(5.0 * 1.0 / (0.5 * 40))
+    assert privacy.SelectionCost.from_mask(mask) == privacy.SelectionCost(5.0, "gaussian", 1.0, "grad_norm", 40,
+                                                                          sample_rate=0.5)
+    same_secret = selected("b", "--dp_seed", "1", "--seed", "7")
+    assert same_secret["scores"] == mask["scores"]  # the public seed touches neither the sample nor the noise
+    other_secret = selected("c", "--dp_seed", "2")
+    assert other_secret["scores"] != mask["scores"]
+    full = selected("d", "--dp_seed", "1", "--selection_sample_rate", "1")
+    assert "sample_rate" not in full["privacy"] and full["privacy"]["noise_std"] == pytest.approx(5.0 / 40)
+    res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, str(tmp_path / "e.json")) +
+                  ["--selection_sample_rate", "0.5", "--scorer", "random"])
+    assert res.returncode == 2 and "--selection_sample_rate" in res.stderr
