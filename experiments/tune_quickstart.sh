@@ -30,7 +30,7 @@ for candidate in "$@"; do
   [ "$per_class" = 100 ] || name="${name}_n$((per_class * 10))"
   [ -f "$OUT/$name.json" ] && { echo "== $name: done"; continue; }
   echo "== $name"
-  SKIP_INSTALL=1 DATASET=$STANDIN PER_CLASS=$per_class STEPS=$steps LR=$lr BATCH=$batch CLIPPING=$clipping K=$k \
+  SKIP_INSTALL=1 DATASET=$STANDIN PER_CLASS=$per_class SELECTION_RATE=1 STEPS=$steps LR=$lr BATCH=$batch CLIPPING=$clipping K=$k \
     RUN_DIR="$WORK/$name" bash scripts/quickstart.sh > "$WORK/$name.log" 2>&1 \
     || { echo "error: candidate $name failed; see $WORK/$name.log" >&2; exit 1; }
   python3 - "$WORK/$name" "$OUT/$name.json" "$steps" "$lr" "$batch" "$clipping" "$k" "$per_class" "$STANDIN" <<'PYEOF'
