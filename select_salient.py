@@ -132,7 +132,9 @@ def main(argv=None):
     dp_seed = distributed.shared_secret_seed(accelerator, args.dp_seed)
     accelerator.print(f"Selecting {saliency.num_selected(args.select_ratio, len(modules))} of {len(modules)} "
                       f"{args.candidate_pool} matrices " + ("without reading any image" if data_free else
-                      f"from N = {n} images") + f" (scorer {args.scorer}"
+                      f"from N = {n} images" + ("" if args.selection_sample_rate >= 1 else
+                                               f", a Poisson subsample of rate q_s = {args.selection_sample_rate:g}"))
+                      + f" (scorer {args.scorer}"
                       + ("" if data_free else f", {args.selection_mechanism} mechanism") + ").")
 
     timings = timing.Timings(device)
@@ -228,17 +230,19 @@ def data_free_selection(args, parts, prompts, modules, device) -> saliency.Selec
                                                                      args.scorer), 0)
 
 
-def warn_if_noise_dominates(result, modules, args, n: int) -> None:
-    """Say so when most kept matrices score like pure noise: then the mask is close to a size-biased random one."""
+def warn_if_noise_dominates(result, modules, args, n: float) -> None:
+    """Say so when most kept matrices score like pure noise: then the mask is close to a size-biased random one.
+    n: the query's normaliser, N (or the expected subsample size q_s·N)."""
     floor = saliency.noise_floor(modules, noise_multiplier=args.selection_noise_multiplier,
                                  max_grad_norm=args.selection_max_grad_norm, dataset_size=n)
     drowned = saliency.near_noise_floor(result.scores, floor, result.target_modules)
     if 2 * len(drowned) > len(result.target_modules):
+        size = f"N = {n:,.0f}" if args.selection_sample_rate >= 1 else f"q_s·N = {n:,.0f}, the expected subsample"
+        more = "More images" if args.selection_sample_rate >= 1 else "A larger --selection_sample_rate, more images"
         print(f"warning: {len(drowned)} of the {len(result.target_modules)} kept matrices score below √2 × the "
-              f"noise's own level σ_s·C_s·√d/N (N = {n}): the selection is mostly noise, which favours the largest "
-              "matrices. More images, or a smaller --selection_noise_multiplier (more of the ε budget), make it "
+              f"noise's own level σ_s·C_s·√d/N ({size}): the selection is mostly noise, which favours the largest "
+              f"matrices. {more}, or a smaller --selection_noise_multiplier (more of the ε budget), make it "
               "informative.", file=sys.stderr)
-
 
 if __name__ == "__main__":
     run_cli(main)

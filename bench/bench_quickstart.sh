@@ -21,4 +21,12 @@ os.makedirs("bench/results", exist_ok=True)
 json.dump(t, open("bench/results/quickstart_cpu.json", "w"), indent=2)
 open("docs/benchmarks.md", "a").write("\n".join(lines) + "\n")
 print("\n".join(lines))
+# the README's side-by-side previews, rows labelled with the class names
+from PIL import Image
+sys.path.insert(0, "experiments")
+from results_report import labelled_panels
+from dp_sapf.data import resolve_classes
+panels = [("public model alone", Image.open(f"{run}/baseline/preview.png").convert("RGB")),
+          ("DP-SAPF fine-tune, ε = 10", Image.open(f"{run}/synthetic/preview.png").convert("RGB"))]
+print("previews:", labelled_panels(panels, resolve_classes("fashion_mnist")[0], "docs/quickstart_previews.png"))
 PYEOF

@@ -265,7 +265,7 @@ def stage_table(records: list[dict]) -> list[str]:
 def labelled_grids(records: list[dict], method: str, rho: float, results_dir: str) -> str | None:
     """<results_dir>/grids/labelled/<method>.png: the method's first-seed preview grid at every ε side by side, each
     panel titled with its ε and each row with its class name (the previews themselves carry no text)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image
 
     rs = [r for r in records if r["method"] == method and r["rho"] in (None, rho)]
     panels = []
@@ -280,7 +280,13 @@ def labelled_grids(records: list[dict], method: str, rho: float, results_dir: st
     from dp_sapf.data import resolve_classes
 
     names = resolve_classes(CLASS_SETS.get(rs[0]["settings"].get("dataset", "fashion_mnist"), "fashion_mnist"))[0]
+    return labelled_panels(panels, names, os.path.join(results_dir, "grids", "labelled", f"{method}.png"))
+
+
+def labelled_panels(panels: list[tuple], class_names: list[str], out: str) -> str:
+    """Preview grids (one row per class) side by side, each titled with its caption, each row with its class name."""
     import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
 
     # PIL's built-in font has no ε: matplotlib's bundled DejaVu Sans has every glyph the captions use
     font = ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), 11)
@@ -288,16 +294,15 @@ def labelled_grids(records: list[dict], method: str, rho: float, results_dir: st
     height = max(grid.height for _, grid in panels)
     canvas = Image.new("RGB", (margin + sum(grid.width + gap for _, grid in panels), title + height), "white")
     draw = ImageDraw.Draw(canvas)
-    row = height / len(names)
-    for c, name in enumerate(names):
+    row = height / len(class_names)
+    for c, name in enumerate(class_names):
         draw.text((2, title + row * c + row / 2 - 6), name, fill="black", font=font)
     x = margin
     for caption, grid in panels:
         canvas.paste(grid, (x, title))
         draw.text((x + 2, 1), caption, fill="black", font=font)
         x += grid.width + gap
-    out = os.path.join(results_dir, "grids", "labelled", f"{method}.png")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     canvas.save(out)
     return out
 

@@ -62,7 +62,7 @@ $PY evaluate.py --synthetic_dir "$RUN/synthetic" "${EVAL[@]}" --output_dir "$RUN
 $PY evaluate.py --synthetic_dir "$RUN/baseline" "${EVAL[@]}" --skip_real_reference --output_dir "$RUN/eval_baseline"
 stage "done"
 $PY - "$RUN" <<'PYEOF'
-import json, sys
+import json, re, sys
 run = sys.argv[1]
 r = json.load(open(f"{run}/lora/privacy_report.json"))
 dp, base = json.load(open(f"{run}/eval/metrics.json")), json.load(open(f"{run}/eval_baseline/metrics.json"))
@@ -76,6 +76,7 @@ print(f"{'real -> real reference':34}{'':>24}{dp['real_reference_accuracy_wrn']:
 print(f"(accuracy on {json.load(open(f'{run}/data_eval/dataset_info.json')).get('test_split', 'the real test split')})")
 stages = {name: float(sec) for name, sec in (line.rstrip("\n").split("\t") for line in open(f"{run}/timings.tsv"))}
 json.dump({"stages_s": stages, "total_s": sum(stages.values())}, open(f"{run}/timings.json", "w"), indent=2)
-print(f"wall time {sum(stages.values()):.0f} s: " + ", ".join(f"{k.split(':')[0]} {v:.0f} s" for k, v in stages.items()))
+short = lambda stage: re.split(r"[:(,]", stage)[0].strip()  # "1. DP saliency selection (sigma_s = 5, ...)" -> its name
+print(f"wall time {sum(stages.values()):.0f} s: " + ", ".join(f"{short(k)} {v:.0f} s" for k, v in stages.items()))
 PYEOF
 echo "Results in $RUN: synthetic/preview.png (DP) next to baseline/preview.png (public model), eval/metrics.md"
