@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# How the quick start's training settings were chosen, on PUBLIC data only: each candidate "STEPS LR BATCH CLIPPING K"
+# How the quick start's earlier settings were chosen (it now runs the comparison's recipe 2; docs/public_model.md
+# tells the sequence), on PUBLIC data only: each candidate "STEPS LR BATCH CLIPPING K"
 # [PER_CLASS]" reruns scripts/quickstart.sh with DATASET=mnist5k_as_fashion: 1,000 MNIST-5k train digits filed under the
 # Fashion-MNIST class names and prompts (the public model draws clip art for those prompts, so a fine-tune must
 # learn to redirect them), accuracy on 500 MNIST-5k test digits. No Fashion-MNIST image is read. One JSON record per
