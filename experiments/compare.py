@@ -33,10 +33,11 @@ mechanisms spend --selection_share of it on the selection):
 and the selection that costs no extra ε:
 
   free_selection    LoRA on every q/k/v for the first T/10 DP-SGD steps, then only the top ρ by the debiased
-                    squared norm of those steps' noisy gradients (train_dp_sapf.py --lora_target warmup_select):
-                    the selection is post-processing of DP-SGD, so the whole ε goes to training
-  free_selection_frozen  the same, the dropped matrices' warm-up LoRA kept frozen in the release instead of removed
-                    (train_dp_sapf.py --warmup_dropped frozen; experiments/tune_warmup_dropped.sh chose between them)
+                    squared norm of those steps' noisy gradients trains on, the dropped matrices' warm-up LoRA
+                    kept frozen (train_dp_sapf.py --lora_target warmup_select): the selection is post-processing
+                    of DP-SGD, so the whole ε goes to training
+  free_selection_reset  the same, the dropped matrices' warm-up LoRA removed from the release instead
+                    (--warmup_dropped reset; experiments/tune_warmup_dropped.sh chose frozen over it on public data)
 
 and the baselines that train no diffusion model:
 
@@ -80,7 +81,7 @@ if REPO not in sys.path:
 
 METHODS = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
            "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "pe",
-           "free_selection", "dp_mepf", "free_selection_frozen")
+           "free_selection", "dp_mepf", "free_selection_reset")
 MULTI_SEED = ("dp_sapf", "dp_lora")
 PRIVACY_FREE = ("no_finetune", "nonprivate_lora")  # one run each, whatever the ε
 SELECTION = {"dp_sapf": [], "random_selection": ["--scorer", "random"], "layer_selection": ["--granularity", "layer"],
@@ -93,10 +94,10 @@ TRAINING = {"nonprivate_lora": ["--lora_target", "all_attention", "--no_dp"], "d
             "wo_lora": ["--train_mode", "direct"],
             "dp_finetune": ["--train_mode", "full", "--lora_target", "all_attention", "--mixed_precision", "no"],
             "exponential_selection": [], "ptr_selection": [], "snip_selection": [], "synflow_selection": [],
-            "debiased_selection": [], "free_selection": ["--lora_target", "warmup_select"],
-            "free_selection_frozen": ["--lora_target", "warmup_select", "--warmup_dropped", "frozen"]}
+            "debiased_selection": [], "free_selection": ["--lora_target", "warmup_select", "--warmup_dropped", "frozen"],
+            "free_selection_reset": ["--lora_target", "warmup_select", "--warmup_dropped", "reset"]}
 RELEASE_TOOLS = ("pe", "dp_mepf")  # publish their images themselves: no training, no sample.py
-WARMUP_SELECTION = ("free_selection", "free_selection_frozen")  # choose their mask inside training, from DP-SGD's own noisy gradients
+WARMUP_SELECTION = ("free_selection", "free_selection_reset")  # choose their mask inside training, from DP-SGD's own noisy gradients
 COMPLETE = "complete"
 CLASS_PROMPTS = {"fashion_mnist": "fashion_mnist", "mnist5k": "mnist"}  # --dataset -> its built-in class prompts
 # --scale presets: defaults of the flags below (a flag given on the command line still wins). "cpu" is the scale
@@ -109,7 +110,7 @@ SCALES = {
                 pe_iterations=5, pe_strength_start=0.8, pe_strength_end=0.4, finetune_learning_rate=1e-4,
                 work_dir=os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "compare_cpu"),
                 results_dir=os.path.join(REPO, "results", "compare_cpu"), clipping="flat",
-                methods=[m for m in METHODS if m not in ("free_selection", "dp_mepf", "free_selection_frozen")]),  # recipe 1 predates them
+                methods=[m for m in METHODS if m not in ("free_selection", "dp_mepf", "free_selection_reset")]),  # recipe 1 predates them
 }
 # Recipe 2 (docs/results.md says why recipe 1 was replaced and how this one was fixed before its runs): automatic
 # clipping in both stages, twice recipe 1's samples per step, the headline methods with three seeds each.

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 ORDER = ("no_finetune", "nonprivate_lora", "dp_sapf", "dp_lora", "random_selection", "layer_selection", "wo_lora",
          "dp_finetune", "exponential_selection", "ptr_selection", "snip_selection", "synflow_selection", "debiased_selection", "free_selection",
-         "free_selection_frozen", "pe", "dp_mepf")
+         "free_selection_reset", "pe", "dp_mepf")
 LABELS = {"no_finetune": "no fine-tuning (public model)", "nonprivate_lora": "LoRA, all attention, no DP",
           "dp_sapf": "**DP-SAPF** (ρ = {rho:g})", "dp_lora": "DP-LoRA (all attention)",
           "random_selection": "random selection (ρ = {rho:g})", "layer_selection": "layer-level selection",
@@ -22,7 +22,7 @@ LABELS = {"no_finetune": "no fine-tuning (public model)", "nonprivate_lora": "Lo
           "snip_selection": "DP-SAPF, SNIP score", "synflow_selection": "DP-SAPF, SynFlow score (data-free)",
           "debiased_selection": "DP-SAPF, debiased Gaussian score",
           "free_selection": "warm-up selection from DP-SGD's noisy gradients (ρ = {rho:g}, no extra ε)",
-          "free_selection_frozen": "warm-up selection, dropped warm-up LoRA kept frozen (ρ = {rho:g})", "pe": "PE (Private Evolution, no fine-tuning)",
+          "free_selection_reset": "warm-up selection, dropped warm-up LoRA removed (ρ = {rho:g})", "pe": "PE (Private Evolution, no fine-tuning)",
           "dp_mepf": "DP-MEPF (feature-mean release + generator, no diffusion model)"}
 METRICS = (("fid_train", "FID ↓"), ("accuracy_wrn", "WRN acc ↑"), ("accuracy_resnet", "ResNet acc ↑"))
 
@@ -160,7 +160,8 @@ def overlap_table(records: list[dict], rho: float) -> list[str]:
         return {(r["epsilon"], r["seed"]): r for r in records
                 if r["method"] == method and r["rho"] == rho and r.get("selected_matrices")}
 
-    free, sapf = masks("free_selection"), masks("dp_sapf")
+    # both warm-up variants keep the same mask (it is chosen before they differ): either record serves
+    free, sapf = {**masks("free_selection_reset"), **masks("free_selection")}, masks("dp_sapf")
     pairs = sorted(set(free) & set(sapf))
     if not pairs:
         return []

@@ -39,7 +39,8 @@ def test_scores_read_only_the_noisy_gradients():
 
 def test_warmup_selection_run_costs_only_its_training_steps(tiny_pipeline_dir, fashion_data_dir, tmp_path):
     full, resumed, late = (str(tmp_path / name) for name in ("full", "resumed", "late"))
-    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *FREE))
+    reset = FREE + ["--warmup_dropped", "reset"]
+    res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *reset))
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.load(open(os.path.join(full, "privacy_report.json")))
     mask = saliency.read_mask(os.path.join(full, "saliency_mask.json"))
@@ -50,7 +51,7 @@ def test_warmup_selection_run_costs_only_its_training_steps(tiny_pipeline_dir, f
     assert mask["privacy"]["mechanism"] == "dp_sgd_postprocessing" and mask["privacy"]["warmup_steps"] == 2
     assert mask["num_selected"] == saliency.num_selected(0.3, len(mask["candidates"]))
     assert report["mask"]["target_modules"] == mask["target_modules"]
-    # the release adapts the kept matrices only
+    # reset: the release adapts the kept matrices only
     modules = {k.split(".lora")[0].removeprefix("unet.") for k in lora_tensors(full)}
     assert modules == set(mask["target_modules"])
     # the mask is free only inside its own run: another run refuses it (its cost would be unaccounted)
@@ -62,10 +63,10 @@ def test_warmup_selection_run_costs_only_its_training_steps(tiny_pipeline_dir, f
     assert res.returncode != 0 and "warmup_select" in res.stderr
     # stopped before the selection step (after step 1) or after it (after step 3): resuming gives the same run
     for folder, stop in ((resumed, "1"), (late, "3")):
-        res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, folder, *FREE,
+        res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, folder, *reset,
                                                         "--stop_after_steps", stop))
         assert res.returncode == 0 and f"Stopped after step {stop}" in res.stdout, res.stderr[-3000:]
-        res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, folder, *FREE,
+        res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, folder, *reset,
                                                         "--resume_from_checkpoint", "latest", "--dp_seed", "999"))
         assert res.returncode == 0, res.stderr[-3000:]
         assert saliency.read_mask(os.path.join(folder, "saliency_mask.json"))["target_modules"] == mask["target_modules"]
@@ -76,11 +77,11 @@ def test_warmup_selection_run_costs_only_its_training_steps(tiny_pipeline_dir, f
 
 
 def test_frozen_warmup_keeps_the_dropped_adapters_at_their_warmup_value(tiny_pipeline_dir, fashion_data_dir, tmp_path):
-    """--warmup_dropped frozen: the release adapts every candidate; a dropped matrix's LoRA is exactly its value
-    after step W (nonzero: it was trained W steps), a kept one trained on; a resume across W gives the same run."""
+    """--warmup_dropped frozen (the default): the release adapts every candidate; a dropped matrix's LoRA is exactly
+    its value after step W (nonzero: it was trained W steps), a kept one trained on; a resume across W is exact."""
     from safetensors.torch import load_file
 
-    frozen = FREE + ["--warmup_dropped", "frozen"]
+    frozen = FREE
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     res = run_script("train_dp_sapf.py", train_args(tiny_pipeline_dir, fashion_data_dir, full, *frozen))
     assert res.returncode == 0, res.stderr[-3000:]
