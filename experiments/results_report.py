@@ -160,7 +160,7 @@ def overlap_table(records: list[dict], rho: float) -> list[str]:
         return {(r["epsilon"], r["seed"]): r for r in records
                 if r["method"] == method and r["rho"] == rho and r.get("selected_matrices")}
 
-    # both warm-up variants keep the same mask (it is chosen before they differ): either record serves
+    # the kept variant's mask where it has a record, else the other variant's (a run of its own: another secret draw)
     free, sapf = {**masks("free_selection_reset"), **masks("free_selection")}, masks("dp_sapf")
     pairs = sorted(set(free) & set(sapf))
     if not pairs:
