@@ -209,7 +209,7 @@ def cached_features(key: dict, compute, cache_dir: str | None) -> np.ndarray:
     os.chmod(cache_dir, 0o700)  # features of private images: owner-only, like the latent cache
     # One computation per key: two evaluations started together (compare.py's runners) would otherwise both spend
     # the ~17 CPU-minutes of 10,000 real features; the second waits and reads the first's file.
-    with filelock.FileLock(path[:-len(".npz")] + ".lock"):
+    with filelock.FileLock(path[:-len(".npz")] + ".lock", mode=0o600):  # owner-only, like everything in the folder
         found = load_cached_features(key, cache_dir)
         if found is not None:
             return found
