@@ -118,6 +118,25 @@ def test_two_processes_equal_one_process(tiny_pipeline_dir, fashion_data_dir, ma
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
+@pytest.mark.parametrize("multiplicity", ["1", "2"])
+def test_micro_batch_size_changes_nothing(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path, multiplicity):
+    """--max_physical_batch_size is memory only: 1, 3 or 16 rows a micro-batch train the same weights (the draws are
+    keyed per image, the clipped sum is a sum, the noise is added once per logical step)."""
+    outs = {}
+    for rows in ("2", "3", "16"):
+        outs[rows] = str(tmp_path / rows)
+        res = run_script("train_dp_sapf.py", train_args(
+            tiny_pipeline_dir, fashion_data_dir, outs[rows], "--saliency_mask", mask_path, "--noise_multiplier", "1.0",
+            "--max_train_steps", "2", "--clipping", "automatic", "--noise_multiplicity", multiplicity,
+            "--max_physical_batch_size", rows))
+        assert res.returncode == 0, res.stderr[-3000:]
+    a = lora_tensors(outs["16"])
+    for rows in ("2", "3"):
+        b = lora_tensors(outs[rows])
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), (rows, k)
+
+
 def test_probes_engine_equals_hooks(tiny_pipeline_dir, fashion_data_dir, mask_path, tmp_path):
     """The compile-friendly engine trains the same weights as the hooks (same Poisson batches, same noise)."""
     outs = {}
