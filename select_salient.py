@@ -168,8 +168,8 @@ def main(argv=None):
             summary["saliency_images_per_s"] = round(
                 result.num_samples / (summary["saliency_pass_s"] - summary["encode_latents_s"]), 2)
         atomic.write_json(os.path.splitext(args.output)[0] + ".timings.json", summary)  # beside, not in, the release
-        if (args.scorer == "grad_norm" and args.granularity == "matrix" and args.selection_mechanism == "gaussian"
-                and args.selection_noise_multiplier > 0):
+        if (args.scorer in ("grad_norm", "grad_norm_debiased") and args.granularity == "matrix"
+                and args.selection_mechanism == "gaussian" and args.selection_noise_multiplier > 0):
             warn_if_noise_dominates(result, modules, args, n * args.selection_sample_rate)
         if result.ptr is not None and not result.ptr["passed"]:
             print("warning: PTR's test failed (the top k is not stable enough for this ε_s, δ_s): the mask is a "
@@ -231,18 +231,27 @@ def data_free_selection(args, parts, prompts, modules, device) -> saliency.Selec
 
 
 def warn_if_noise_dominates(result, modules, args, n: float) -> None:
-    """Say so when most kept matrices score like pure noise: then the mask is close to a size-biased random one.
-    n: the query's normaliser, N (or the expected subsample size q_s·N)."""
+    """Say so when most kept matrices score like pure noise: then the mask is close to a size-biased random one
+    (grad_norm) or a random one (grad_norm_debiased). n: the query's normaliser, N (or q_s·N, the expected subsample)."""
     floor = saliency.noise_floor(modules, noise_multiplier=args.selection_noise_multiplier,
                                  max_grad_norm=args.selection_max_grad_norm, dataset_size=n)
-    drowned = saliency.near_noise_floor(result.scores, floor, result.target_modules)
+    sizes = {name: m.weight.numel() for name, m in modules.items()}
+    drowned = saliency.near_noise_floor(result.scores, floor, result.target_modules, args.scorer, sizes)
     if 2 * len(drowned) > len(result.target_modules):
         size = f"N = {n:,.0f}" if args.selection_sample_rate >= 1 else f"q_s·N = {n:,.0f}, the expected subsample"
         more = "More images" if args.selection_sample_rate >= 1 else "A larger --selection_sample_rate, more images"
-        print(f"warning: {len(drowned)} of the {len(result.target_modules)} kept matrices score below √2 × the "
-              f"noise's own level σ_s·C_s·√d/N ({size}): the selection is mostly noise, which favours the largest "
-              f"matrices. {more}, or a smaller --selection_noise_multiplier (more of the ε budget), make it "
-              "informative.", file=sys.stderr)
+        if args.scorer == "grad_norm":
+            print(f"warning: {len(drowned)} of the {len(result.target_modules)} kept matrices score below √2 × the "
+                  f"noise's own level σ_s·C_s·√d/N ({size}): the selection is mostly noise, which favours the "
+                  "largest matrices. --scorer grad_norm_debiased ranks the same query without that size bias (no "
+                  f"extra ε; docs/scorers.md); {more.lower()}, or a smaller --selection_noise_multiplier (more of "
+                  "the ε budget) also make it informative.", file=sys.stderr)
+        else:
+            print(f"warning: {len(drowned)} of the {len(result.target_modules)} kept matrices have a debiased score "
+                  f"below twice its noise's spread (σ_s·C_s/N)²·√(2d) ({size}): the selection is mostly noise. "
+                  f"{more}, or a smaller --selection_noise_multiplier (more of the ε budget), make it informative.",
+                  file=sys.stderr)
+
 
 if __name__ == "__main__":
     run_cli(main)

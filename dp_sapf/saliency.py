@@ -91,9 +91,16 @@ def noise_floor(modules: dict[str, nn.Linear], *, noise_multiplier: float, max_g
             for name, m in modules.items()}
 
 
-def near_noise_floor(scores: dict[str, float], floor: dict[str, float], names: list[str]) -> list[str]:
-    """Those of `names` whose score² is below twice the noise's expected score²: their estimated signal
-    (score² − floor²) is below the noise level."""
+def near_noise_floor(scores: dict[str, float], floor: dict[str, float], names: list[str],
+                     scorer: str = "grad_norm", sizes: dict[str, int] | None = None) -> list[str]:
+    """Those of `names` whose estimated signal is within the noise.
+
+    grad_norm: score² below twice the noise's expected score² (the signal score² − floor² is below floor²).
+    grad_norm_debiased (the score IS that estimate): below twice its noise's standard deviation, which for pure
+    noise is floor²·√(2/d_m) (a χ² with d_m degrees of freedom): far smaller than floor², which is why the debiased
+    score stays informative where grad_norm's ranking is set by the matrices' sizes. `sizes`: d_m per matrix."""
+    if scorer == "grad_norm_debiased":
+        return [n for n in names if scores[n] < 2 * floor[n] ** 2 * math.sqrt(2 / sizes[n])]
     return [n for n in names if scores[n] ** 2 < 2 * floor[n] ** 2]
 
 

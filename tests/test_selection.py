@@ -113,6 +113,21 @@ def test_noise_floor_is_the_score_of_pure_noise():
     assert saliency.near_noise_floor({"big": 0.4, "small": 0.3}, floor, ["big", "small"]) == ["big"]
 
 
+def test_debiased_noise_spread_is_far_below_the_floor():
+    """The debiased score of pure noise, ‖n‖²/N² − d(σ_s C_s/N)², has mean 0 and spread floor²·√(2/d): a signal of
+    a tenth of floor² stands out of it for a 64×64 matrix, where grad_norm's ranking is set by d."""
+    modules = {"big": torch.nn.Linear(64, 64), "small": torch.nn.Linear(32, 32)}
+    sizes = {"big": 4096, "small": 1024}
+    floor = saliency.noise_floor(modules, noise_multiplier=5, max_grad_norm=1, dataset_size=1000)
+    g = torch.Generator().manual_seed(0)
+    pure = torch.tensor([float((5 * torch.randn(64, 64, generator=g)).norm() / 1000) ** 2 - floor["big"] ** 2
+                         for _ in range(400)])
+    spread = floor["big"] ** 2 * math.sqrt(2 / 4096)
+    assert abs(pure.mean().item()) < 0.2 * spread and abs(pure.std().item() / spread - 1) < 0.15
+    scores = {"big": 0.1 * floor["big"] ** 2, "small": 0.5 * spread}
+    assert saliency.near_noise_floor(scores, floor, ["big", "small"], "grad_norm_debiased", sizes) == ["small"]
+
+
 def test_random_scorer_reads_no_data(parts):
     modules = saliency.candidate_modules(parts.unet, "attention_qkv")
 
@@ -163,10 +178,13 @@ def test_cli_writes_a_mask_peft_accepts(tiny_pipeline_dir, fashion_data_dir, tmp
 def test_derived_masks_equal_fresh_selections_with_the_same_noise(tiny_pipeline_dir, fashion_data_dir, tmp_path):
     """Another ρ, the layer ranking and the debiased score re-rank the released noisy norms: the derived mask is
     the one a fresh selection with the same secret noise picks, so sharing one release costs nothing."""
+    warnings = {}
+
     def selected(name, *extra):
         out = str(tmp_path / f"{name}.json")
         res = _select(_base_args(tiny_pipeline_dir, fashion_data_dir, out) + ["--dp_seed", "1", *extra])
         assert res.returncode == 0, res.stderr[-3000:]
+        warnings[name] = res.stderr
         return saliency.read_mask(out)
 
     source = selected("source")
@@ -181,6 +199,10 @@ def test_derived_masks_equal_fresh_selections_with_the_same_noise(tiny_pipeline_
         assert derived["scores"] == pytest.approx(fresh["scores"], rel=1e-9)
     with pytest.raises(ValueError, match="Only a matrix-level grad_norm mask"):
         saliency.derive_mask(derived, ratio=0.3, granularity="matrix", scorer="grad_norm")
+    # at N = 40 both scores are drowned, and each warning names its own remedy
+    assert "--scorer grad_norm_debiased ranks the same query" in warnings["source"]
+    assert "debiased score" in warnings["scorer_grad_norm_debiased"] and "mostly noise" in warnings[
+        "scorer_grad_norm_debiased"]
 
 
 @pytest.mark.parametrize("extra, message", [
