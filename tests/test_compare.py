@@ -186,3 +186,19 @@ def test_the_readme_quotes_the_committed_records():
 
     readme = open(os.path.join(compare.REPO, "README.md"), encoding="utf-8").read()
     assert results_report.headline_block(compare.SCALES[compare.README_SCALE]["results_dir"]) in readme
+
+
+def test_the_readme_quotes_the_quick_starts_record():
+    """The README's quick-start output is the newest record's printed lines, verbatim, and the record's numbers are
+    the ones printed (results/quickstart/quickstart_<date>.json, written from the run by bench_quickstart's run)."""
+    from experiments import compare
+
+    folder = os.path.join(compare.REPO, "results", "quickstart")
+    newest = sorted(f for f in os.listdir(folder) if f.startswith("quickstart_") and f.endswith(".json"))[-1]
+    record = json.load(open(os.path.join(folder, newest), encoding="utf-8"))
+    readme = open(os.path.join(compare.REPO, "README.md"), encoding="utf-8").read()
+    assert "```\n" + "\n".join(record["printed"]) + "\n```" in readme and f"results/quickstart/{newest}" in readme
+    run = record["quickstart"]
+    assert f"{run['fid_train']:.1f}" in record["printed"][3] and f"{run['accuracy_wrn']:.3f}" in record["printed"][3]
+    assert f"{run['public_model_alone_accuracy_wrn']:.3f}" in record["printed"][2]
+    assert f"wall time {run['wall_s']['total_s']:.0f} s" in record["printed"][-1]
