@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The paper's comparison on the embedded public model: DP-SAPF against its baselines and ablations.
 
-    python experiments/compare.py run              # every run, resumable: a run whose folder says complete, or
-                                                   # whose record is in results/, is skipped (delete it to redo)
+    python experiments/compare.py run              # every run, resumable: a run whose record is in results/ is
+                                                   # skipped (delete it and its folder to redo)
     python experiments/compare.py report           # docs/results.md from results/*.json
     python experiments/compare.py run --quick      # the whole pipeline on a few hundred images, CPU minutes
 
@@ -99,6 +99,7 @@ TRAINING = {"nonprivate_lora": ["--lora_target", "all_attention", "--no_dp"], "d
 RELEASE_TOOLS = ("pe", "dp_mepf")  # publish their images themselves: no training, no sample.py
 WARMUP_SELECTION = ("free_selection", "free_selection_reset")  # choose their mask inside training, from DP-SGD's own noisy gradients
 COMPLETE = "complete"
+RECORD_COPY = "record.json"  # the record, kept in the run's folder too (its wall times survive a lost results_dir)
 CLASS_PROMPTS = {"fashion_mnist": "fashion_mnist", "mnist5k": "mnist"}  # --dataset -> its built-in class prompts
 # --scale presets: defaults of the flags below (a flag given on the command line still wins). "cpu" is the scale
 # this project's 2-core CPU affords in about 10 hours (docs/results.md says how it differs from the paper's).
@@ -278,7 +279,7 @@ def execute(run: dict, args) -> dict:
     try:
         with _run_lock(folder):
             previous = os.path.join(args.results_dir, f"{run['name']}.json")
-            if is_complete(run, args) and os.path.isfile(previous):  # another process finished it since the plan
+            if is_complete(run, args):  # another process finished it since the plan
                 return json.load(open(previous))
             return _execute_locked(run, args, folder)
     except filelock.Timeout:
@@ -429,7 +430,8 @@ def selection_budget(run: dict, args) -> list:
 
 
 def record(run: dict, folder: str, wall: dict, args) -> dict:
-    """The run's small JSON record (results_dir/<name>.json), then the folder's 'complete' marker (both atomic)."""
+    """The run's small JSON record (results_dir/<name>.json and a copy in its folder), then the folder's 'complete'
+    marker (all atomic)."""
     from dp_sapf import atomic, run_folder
 
     metrics = json.load(open(os.path.join(folder, "eval", "metrics.json")))
@@ -440,8 +442,10 @@ def record(run: dict, folder: str, wall: dict, args) -> dict:
         mask_path = os.path.join(folder, "model", run_folder.MASK_FILE)
     mask = json.load(open(mask_path)) if os.path.isfile(mask_path) else None
     previous = os.path.join(args.results_dir, f"{run['name']}.json")
-    if os.path.isfile(previous):  # a resumed run keeps the wall times of its earlier stages
-        wall = {**json.load(open(previous)).get("wall_time_s", {}), **wall}
+    copy = os.path.join(folder, RECORD_COPY)
+    for earlier in (copy, previous):  # a resumed or re-recorded run keeps the wall times of its earlier stages
+        if os.path.isfile(earlier):
+            wall = {**json.load(open(earlier)).get("wall_time_s", {}), **wall}
     out = {
         **run,
         "epsilon_achieved": None if report is None else report["epsilon"],
@@ -457,6 +461,7 @@ def record(run: dict, folder: str, wall: dict, args) -> dict:
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     atomic.write_json(previous, out)
+    atomic.write_json(copy, out)
     preview = os.path.join(folder, "synthetic", "preview.png")
     if os.path.isfile(preview):
         grids = os.path.join(args.results_dir, "grids")
@@ -541,10 +546,11 @@ def prepare_data(args) -> None:
 
 
 def is_complete(run: dict, args) -> bool:
-    """Its folder says complete, or its record is in --results_dir: records are what survives a fresh machine
-    (commit them), so a later session on another machine skips what an earlier one finished."""
-    return (os.path.isfile(os.path.join(args.work_dir, run["name"], COMPLETE))
-            or os.path.isfile(os.path.join(args.results_dir, f"{run['name']}.json")))
+    """Its record is in --results_dir: records are what survives a fresh machine (commit them), so a later session
+    on another machine skips what an earlier one finished. A folder that says complete without its record (a fresh
+    work tree over the same machine's --work_dir) is run again: every stage finds its output and is skipped, and
+    the record is written anew from the folder, with its wall times (RECORD_COPY)."""
+    return os.path.isfile(os.path.join(args.results_dir, f"{run['name']}.json"))
 
 
 def run_all(args) -> list[dict]:

@@ -37,7 +37,18 @@ def test_quick_comparison_runs_reports_and_resumes(tiny_pipeline_dir, tmp_path):
     for method in ("no_finetune", "dp_sapf", "dp_lora", "pe", "dp_mepf"):  # one labelled panel per ε
         assert f"grids/labelled/{method}.png" in report
         assert os.path.isfile(tmp_path / "results" / "grids" / "labelled" / f"{method}.png")
-    # every run's folder says complete: a second call does nothing but the report, also on a fresh machine
+    # a record lost with a fresh work tree, its folder complete on the same machine: written anew from the folder,
+    # every stage skipped, the wall times kept
+    lost = tmp_path / "results" / "dp_lora_eps10_seed0.json"
+    os.remove(lost)
+    trained = os.path.getmtime(tmp_path / "work" / "dp_lora_eps10_seed0" / "model" / "pytorch_lora_weights.safetensors")
+    res = run_script("experiments/compare.py", args, timeout=600)
+    assert res.returncode == 0 and "5 runs, 4 complete, 1 to do" in res.stdout, res.stdout[-2000:]
+    again = json.load(open(lost))
+    assert again["metrics"] == lora["metrics"] and again["wall_time_s"] == lora["wall_time_s"]
+    assert os.path.getmtime(tmp_path / "work" / "dp_lora_eps10_seed0" / "model" /
+                            "pytorch_lora_weights.safetensors") == trained
+    # every run's record is there: a second call does nothing but the report, also on a fresh machine
     # where only the (committed) records are left
     shutil.rmtree(tmp_path / "work")
     (tmp_path / "results" / "NOTES.md").write_text("The DP rows sit near the public model: see the probe below.\n")
