@@ -10,6 +10,8 @@
 #   bash experiments/tune_quickstart.sh                                    # the default candidates
 #   bash experiments/tune_quickstart.sh "150 2e-2 250 automatic 1" "40 2e-2 250 automatic 4" "40 2e-2 1000 automatic 1 400"
 # Runs live in ~/.cache/dp-sapf/tune_quickstart_public/ (outside the work tree); a finished candidate is skipped.
+# The committed records ranked the selection by grad_norm (the quick start's scorer then); SCORER=grad_norm reruns
+# them as they were, the default now being the quick start's grad_norm_debiased.
 # STANDIN=mnist5k_inverted uses the second public stand-in instead (dark MNIST-5k digits on white under the digit
 # prompts: prompts that mean what the images show, as Fashion-MNIST's do; the public model draws white digits on
 # black); its records carry the prefix "inverted_". The same rule decides within each stand-in; the inverted one,
