@@ -5,9 +5,9 @@
 
 One pass over the data gives the exact (noise-free) clipped sums every data-dependent scorer reads: grad_norm
 ‖G_m‖ (and its debiased square, which ranks the same without noise), fisher Σ_i‖ĝ_i,m‖², snip ‖θ_m ⊙ G_m‖₁; synflow
-reads no data. The Gaussian query over N images has the noise level of a quick start's query over a Poisson subsample
-of about N images, so N = 4,000 public images measure the quick start's selection (q_s = 1/15 of 60,000). For each scorer: its exact top k against
-exact grad_norm's top k (overlap, Spearman correlation of all scores), then what the private selections keep of
+reads no data. The Gaussian query over N images has the noise level of a quick start's query over a Poisson
+subsample of about N images, so N = 4,000 public images measure the quick start's selection (q_s = 1/15 of
+60,000). For each scorer: its exact top k against exact grad_norm's top k (overlap, Spearman correlation of all scores), then what the private selections keep of
 exact grad_norm's top k (mean over --repeats draws of the mechanism's randomness): the Gaussian query at σ_s and
 the exponential mechanism at ε_s. Writes a JSON record and a markdown table. Exact scores are computed here for
 measurement only; nothing of them is a release.
@@ -158,8 +158,8 @@ def markdown(record: dict, args) -> str:
     lines += ["", "The Gaussian query adds noise of norm about σ_s·C_s·√d_m/N to matrix m's score, so where the exact "
               "scores lie below that level it favours the largest matrices whatever the data (docs/public_model.md); "
               "the exponential mechanism's Gumbel noise is the same for every matrix, and fisher's Gaussian noise is "
-              "one scalar per matrix. grad_norm_debiased subtracts the noise's expected square d_m(σ_s·C_s/N)² from the same "
-              "release; what is left of the noise spreads by only (σ_s·C_s/N)²·√(2d_m), so it ranks by the data where "
+              "one scalar per matrix. grad_norm_debiased subtracts the noise's expected square d_m(σ_s·C_s/N)² "
+              "from the same release; what is left of the noise spreads by only (σ_s·C_s/N)²·√(2d_m), so it ranks by the data where "
               "grad_norm ranks by size (the quick start uses it: its query averages about 4,000 images).",
               "", "FORCE is not offered: its iterative re-scoring at growing sparsity needs a new private query per "
               "iteration, and its one-shot first iteration is SNIP.", ""]
