@@ -11,7 +11,7 @@ import datetime, json, os, platform, sys
 import diffusers, torch
 run = sys.argv[1]
 t = json.load(open(f"{run}/timings.json"))
-lines = [f"\n## Quick start, stage by stage: {platform.machine()} CPU, {os.cpu_count()} cores\n",
+lines = [f"\n## Quick start, stage by stage: {platform.machine()} CPU, {os.cpu_count()} cores ({datetime.date.today()})\n",
          f"{datetime.date.today()}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
          "`bash bench/bench_quickstart.sh` (a fresh run folder: Inception features of the real set computed, not cached)\n",
          "| stage | wall time (s) |", "|---|---|"]

@@ -183,3 +183,15 @@ def test_gradient_checkpointing_gives_the_same_clipped_sum(lora_setup):
     plain = clipped_sum()
     parts.unet.enable_gradient_checkpointing()
     assert torch.allclose(plain, clipped_sum(), rtol=1e-5, atol=1e-9)
+
+
+def test_the_norm_measurement_reads_public_data_only():
+    """experiments/grad_norms_public.py reports raw per-sample norms, which are not a DP release: it must refuse a
+    sensitive set, and its quantiles are those of the norms it was given."""
+    from experiments import grad_norms_public
+
+    with pytest.raises(SystemExit):
+        grad_norms_public.parse_args(["--dataset", "fashion_mnist"])
+    assert grad_norms_public.parse_args([]).dataset in grad_norms_public.PUBLIC_STANDINS
+    stats = grad_norms_public.quantiles([0.01 * i for i in range(1, 102)])
+    assert stats["samples"] == 101 and stats["median"] == pytest.approx(0.51) and stats["max"] == pytest.approx(1.01)
