@@ -7,7 +7,8 @@ Runs `train_dp_sapf.py` itself (all-attention LoRA, rank 4, the public model) fo
 setting (flat clipping at C = 1, B = 500, ε = 10) and records the quantiles of the unclipped per-sample norms it
 computes (`ClippedGradientSum.add` returns them; the training script never writes them out). Only public images
 are read: raw per-sample norms of a sensitive set must not be reported (they are not a DP release), so this
-script refuses any dataset but the public stand-ins. Measurement only: no setting is chosen from it.
+script refuses any dataset but the public stand-ins. Measurement only: no setting is chosen from it. The Poisson
+sample and the noise are the mechanism's secret draws (not --seed), so two runs differ by a few percent.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ def parse_args(argv=None):
     from dp_sapf.cli import COUNT, POSITIVE, SEED, ArgumentParser
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-public"), help="The public pipeline.")
+    p.add_argument("--public_model", default=os.path.join(REPO, "models", "tiny-sd-public"),
+                   help="The public pipeline.")
     p.add_argument("--dataset", default="mnist5k_as_fashion", choices=PUBLIC_STANDINS,
                    help="The public stand-in (a sensitive set is refused: its raw norms must not be reported).")
     p.add_argument("--max_per_class", type=COUNT, default=400, help="Train images per class (N = 10 × this).")
     p.add_argument("--train_batch_size", type=COUNT, default=500, help="B of the measured steps (recipe 1: 500).")
     p.add_argument("--steps", type=COUNT, default=6, help="DP-SGD steps measured (all their samples are recorded).")
-    p.add_argument("--clipping", choices=["flat", "automatic"], default="flat", help="Clip rule of the steps (recipe 1: flat).")
+    p.add_argument("--clipping", choices=["flat", "automatic"], default="flat",
+                   help="Clip rule of the steps (recipe 1: flat).")
     p.add_argument("--max_grad_norm", type=POSITIVE, default=1.0, help="C of the steps (recipe 1: 1).")
     p.add_argument("--seed", type=SEED, default=0, help="Seed of the run.")
     p.add_argument("--output", default=os.path.join(REPO, "results", "grad_norms_public.json"), help="JSON record.")
@@ -55,7 +58,8 @@ def main(argv=None):
     import train_dp_sapf
     from dp_sapf import per_sample, prepare_data
 
-    data_dir = os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "grad_norms_public", args.dataset)
+    data_dir = os.path.join(os.path.expanduser("~"), ".cache", "dp-sapf", "grad_norms_public",
+                            f"{args.dataset}_{args.max_per_class}")
     if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         prepare_data.prepare(args.dataset, data_dir, args.max_per_class, 1)
     norms: list[float] = []
@@ -75,7 +79,8 @@ def main(argv=None):
                 "--rank", "4", "--seed", str(args.seed), "--target_epsilon", "10",
                 "--train_batch_size", str(args.train_batch_size), "--max_physical_batch_size", "250",
                 "--max_train_steps", str(args.steps), "--learning_rate", "0.02", "--clipping", args.clipping,
-                "--max_grad_norm", str(args.max_grad_norm), "--report_to", "none", "--mixed_precision", "no", "--output_dir", os.path.join(tmp, "model")])
+                "--max_grad_norm", str(args.max_grad_norm), "--report_to", "none", "--mixed_precision", "no",
+                "--output_dir", os.path.join(tmp, "model")])
     finally:
         per_sample.ClippedGradientSum.add = original_add
     stats = quantiles(norms)
