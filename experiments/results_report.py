@@ -149,8 +149,8 @@ def pairwise_table(records: list[dict], rho: float, key: str = "accuracy_wrn") -
                          f"{len(va)} / {len(vb)} | {diff:+.3f} | {spread} | {verdict} |")
     if not lines:
         return []
-    return ["| target ε | difference of WRN accuracy | seeds | mean difference | s of the difference, √(s_a²/n_a + s_b²/n_b) | "
-            "verdict (counts when the absolute difference > 2 s) |", "|---|---|---|---|---|---|", *lines]
+    return ["| target ε | difference of WRN accuracy | seeds | mean difference | "
+            "s of the difference, √(s_a²/n_a + s_b²/n_b) | verdict (counts when the absolute difference > 2 s) |", "|---|---|---|---|---|---|", *lines]
 
 
 def overlap_table(records: list[dict], rho: float) -> list[str]:
@@ -410,7 +410,8 @@ def write(results_dir: str, path: str, quick: bool = False, how_chosen: str | No
         "",
         f"- Public model: `{settings['public_model']}` (pretrained on public data only). Sensitive set: {dataset} "
         f"train ({records[0]['num_real_train']} images), its test split for accuracy. δ = 1/N.",
-        f"- Every DP-SGD method (a method without DP-SGD has its own line below): B = {settings['train_batch_size']}, T = {settings['max_train_steps']}, C = 1 "
+        "- Every DP-SGD method (a method without DP-SGD has its own line below): "
+        f"B = {settings['train_batch_size']}, T = {settings['max_train_steps']}, C = 1 "
         f"({settings.get('clipping', 'flat')} clipping), noise multiplicity K = {settings.get('noise_multiplicity', 1)}, AdamW "
         f"lr {settings['learning_rate']}{finetune_rate(records)}, LoRA rank {settings['rank']}, σ calibrated to the "
         "target ε with the "
