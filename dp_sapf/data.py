@@ -218,6 +218,44 @@ def _label_indices(values, feature, class_names: list[str]) -> np.ndarray:
     return out
 
 
+def imagefolder_data_files(data_dir: str) -> dict[str, list[str]] | None:
+    """datasets' own split patterns for a local folder, less the ones that match no file.
+
+    `load_dataset("imagefolder", data_dir=...)` finds the splits by globbing the whole tree once per candidate
+    pattern, a full walk with a stat per file each time (24 walks for a train/ + test/ folder: 41 s of every script
+    for 60,000 images on this project's 2-core CPU, docs/benchmarks.md). Here datasets' own
+    `_get_data_files_patterns` tries its candidates against one listing of the folder, matched with fsspec's own
+    glob translation, so the library resolves only the patterns that match: same splits, same files
+    (tests/test_imagefolder.py compares both on several layouts). None, so that datasets resolves them itself, where
+    a symlinked folder or a changed datasets internal could make the listing disagree with its glob.
+    """
+    try:
+        from datasets.data_files import FILES_TO_IGNORE, _get_data_files_patterns
+        from fsspec.utils import glob_translate
+    except ImportError:
+        return None
+    root = os.path.abspath(data_dir).replace(os.sep, "/")
+    files = []
+    for folder, subfolders, names in os.walk(data_dir):
+        if any(os.path.islink(os.path.join(folder, sub)) for sub in subfolders):
+            return None
+        relative = os.path.relpath(folder, data_dir).replace(os.sep, "/")
+        parts = [] if relative == "." else relative.split("/")
+        # datasets skips hidden and special (__x) files and folders unless a pattern names them; its defaults do not
+        files += [f"{root}/{'/'.join(parts + [name])}" for name in names if name not in FILES_TO_IGNORE
+                  and not any(p.startswith((".", "__")) for p in parts + [name])]
+
+    def matching(pattern: str) -> list[str]:
+        regex = re.compile(glob_translate(f"{root}/{pattern}"))
+        return [f for f in files if regex.match(f)]
+
+    try:
+        patterns = _get_data_files_patterns(matching)
+    except (FileNotFoundError, ValueError, TypeError):
+        return None  # no data files, or datasets changed: its own resolution gives the same answer or the error
+    return {split: [p for p in candidates if matching(p)] for split, candidates in patterns.items()}
+
+
 def load_labelled_images(args: argparse.Namespace, split: str = "train", *, class_names: list[str],
                          max_samples: int | None = None, min_classes: int = 2) -> LabelledImages:
     """Load one split with labels mapped onto the public `class_names`; clear errors otherwise."""
@@ -231,7 +269,8 @@ def load_labelled_images(args: argparse.Namespace, split: str = "train", *, clas
         if not any(files for _, _, files in os.walk(args.train_data_dir)):
             raise ValueError(f"--train_data_dir {args.train_data_dir!r} holds no files (empty class folders?): an "
                              "imagefolder has one subfolder of images per class.")
-        loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+        loaded = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir,
+                                       data_files=imagefolder_data_files(args.train_data_dir))
     else:
         loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
     if split not in loaded:
