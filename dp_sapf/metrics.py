@@ -173,8 +173,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two feature sets (rows are samples)."""
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    """FID between two feature sets (rows are samples).
+
+    With fewer samples than feature dimensions in one set (300 synthetic images against 2,048 Inception features in
+    the quick start, 1,000 in the comparison), its covariance is Σ_b = B̄ᵀB̄/(n-1) for the centred rows B̄, and the
+    non-zero eigenvalues of Σ_aΣ_b are those of the symmetric n × n matrix B̄Σ_aB̄ᵀ/(n-1): Tr(Σ_aΣ_b)^½ is the sum
+    of their square roots. The same number as `frechet_distance`'s sqrtm of the 2,048 × 2,048 product (to 1e-6
+    relative, tests/test_metrics.py) in 0.1 s instead of 17-19 s on one CPU core; scipy has no such shortcut.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < len(b):
+        a, b = b, a  # the distance is symmetric; b is the set with fewer rows
+    if len(b) - 1 >= b.shape[1]:
+        return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    sigma_a = np.atleast_2d(np.cov(a, rowvar=False))
+    centred = b - b.mean(0)
+    small = centred @ sigma_a @ centred.T / (len(b) - 1)
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
+    diff = a.mean(0) - b.mean(0)
+    return float(diff @ diff + np.trace(sigma_a) + (centred * centred).sum() / (len(b) - 1) - 2 * trace_sqrt)
 
 
 def _cache_path(key: dict, cache_dir: str) -> str:

@@ -48,6 +48,20 @@ def test_fid_matches_float64_reference():
     assert fid == pytest.approx(reference_fid(a, b), rel=1e-8)
 
 
+@pytest.mark.parametrize("rows", [(300, 40), (40, 300), (30, 25)])
+def test_fid_with_fewer_samples_than_dimensions_matches_the_sqrtm_route(rows):
+    """The n × n eigenvalue route (a set with fewer rows than the 64 dimensions) against scipy's sqrtm of the
+    64 × 64 product and the reference: the same number, whichever set is the smaller one."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(rows[0], 64)) @ rng.normal(size=(64, 64)) * 0.3
+    b = rng.normal(size=(rows[1], 64)) + 0.2
+    fid = metrics.fid_from_features(a, b)
+    sqrtm = metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert fid > 1.0
+    assert fid == pytest.approx(sqrtm, rel=1e-6) and fid == pytest.approx(reference_fid(a, b), rel=1e-8)
+    assert fid == pytest.approx(metrics.fid_from_features(b, a), rel=1e-10)
+
+
 def test_fid_on_inception_features_matches_reference(real_features):
     shifted = real_features[:20] + 0.05  # a different set in the same 2048-d space
     fid = metrics.fid_from_features(real_features[20:], shifted)
