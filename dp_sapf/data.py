@@ -114,8 +114,9 @@ class LabelledImages:
             raise ValueError(f"Cannot read image {self._describe(i)}: {type(err).__name__}: {err}") from None
 
     def images(self, start: int, stop: int) -> list[Image.Image]:
-        """Images start..stop-1 decoded from one slice of the table: half the per-row cost of `image` (60,000 rows
-        read in 7 s instead of 14 s on one CPU core). An unreadable file is the same clear error as `image` gives."""
+        """Images start..stop-1 decoded from one slice of the table, at about half the per-row cost of `image`
+        (fingerprinting 60,000 images: 8 s instead of 17 s, docs/benchmarks.md). An unreadable file is the same
+        clear error as `image` gives."""
         try:
             images = self.dataset[start:stop][self.image_column]
             for image in images:
@@ -233,8 +234,8 @@ def imagefolder_data_files(data_dir: str) -> dict[str, list[str]] | None:
     """datasets' own split patterns for a local folder, less the ones that match no file.
 
     `load_dataset("imagefolder", data_dir=...)` finds the splits by globbing the whole tree once per candidate
-    pattern, a full walk with a stat per file each time (24 walks for a train/ + test/ folder: 41 s of every script
-    for 60,000 images on this project's 2-core CPU, docs/benchmarks.md). Here datasets' own
+    pattern, a full walk with a stat per file each time (24 walks for a train/ + test/ folder: 41-58 s of every
+    script for 60,000 images on this project's 2-core CPU, 14 s this way, docs/benchmarks.md). Here datasets' own
     `_get_data_files_patterns` tries its candidates against one listing of the folder, matched with fsspec's own
     glob translation, so the library resolves only the patterns that match: same splits, same files
     (tests/test_imagefolder.py compares both on several layouts). None, so that datasets resolves them itself, where
