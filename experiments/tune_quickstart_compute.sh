@@ -10,6 +10,8 @@
 #   b2000_t25  DP-LoRA on all attention, ε = 10, seed 0, K = 1, B = 2,000, T = 25
 # Rule, fixed before the run: the quick start takes B = 2,000, T = 25 if b2000_t25's WRN accuracy is at least
 # k1's - 0.03 (one public seed cannot resolve less); otherwise it keeps B = 1,000, T = 100 and the time bar stays missed.
+# Outcome (2026-12-07): 0.886 against 0.866, so the rule took it; the quick start then printed 0.314 and 0.260 on
+# Fashion-MNIST in 783 and 673 s (over 10 minutes still) and went back: docs/public_model.md, setting 5.
 # No Fashion-MNIST image is read.  Usage: bash experiments/tune_quickstart_compute.sh
 # Record: results/multiplicity_public/b2000_t25/; run folder under ~/.cache/dp-sapf/multiplicity/ (resumable).
 set -euo pipefail
