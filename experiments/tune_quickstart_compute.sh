@@ -16,11 +16,10 @@
 # Record: results/multiplicity_public/b2000_t25/; run folder under ~/.cache/dp-sapf/multiplicity/ (resumable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${DP_SAPF_CACHE:-$HOME/.cache/dp-sapf}/multiplicity
+WORK=${DP_SAPF_CACHE:-$HOME/.cache/dp-sapf}/multiplicity  # tune_multiplicity.sh's folder: the same public data
 OUT=results/multiplicity_public
 mkdir -p "$WORK/b2000_t25"
-flock "$WORK/data.lock" python3 -c "import os, sys; from dp_sapf import prepare_data as p; d = sys.argv[1]
-os.path.isfile(os.path.join(d, 'dataset_info.json')) or p.prepare('mnist5k', d, None, None)" "$WORK/data"
+[ -f "$WORK/data/dataset_info.json" ] || python3 -m dp_sapf.prepare_data --name mnist5k --output_dir "$WORK/data"
 python3 experiments/compare.py run --scale cpu_r2 --dataset mnist5k --methods dp_lora --epsilons 10 --seeds 0 \
   --train_batch_size 2000 --max_train_steps 25 --work_dir "$WORK/b2000_t25" --data_dir "$WORK/data" \
   --results_dir "$OUT/b2000_t25" --results_md "$WORK/b2000_t25/results.md"
