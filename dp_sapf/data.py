@@ -125,14 +125,21 @@ class LabelledImages:
         except Exception:  # noqa: BLE001 - find the file and name it
             return [self.image(i) for i in range(start, stop)]
 
+    def all_images(self, show_progress: bool = False, chunk: int = 256):
+        """(index, image) for every image in order, decoded slice by slice (`images`), behind a progress bar."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(self), desc="Fingerprinting images", disable=not show_progress) as bar:
+            for start in range(0, len(self), chunk):
+                batch = self.images(start, start + chunk)
+                yield from enumerate(batch, start)
+                bar.update(len(batch))
+
     def content_digest(self, show_progress: bool = False) -> str:
         """sha256 of every image's decoded pixels (mode, size, bytes) and label, in order: what a cache of features
         of this split is keyed by, so another dataset at the same path, or of the same size, never reuses them."""
-        from tqdm.auto import tqdm
-
         total = hashlib.sha256()
-        for i in tqdm(range(len(self)), desc="Fingerprinting images", disable=not show_progress):
-            image = self.image(i)
+        for i, image in self.all_images(show_progress):
             total.update(hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).digest())
             total.update(int(self.labels[i]).to_bytes(8, "little"))
         return total.hexdigest()
@@ -398,14 +405,8 @@ def _latent_cache_path(cache_dir: str, vae, keys: torch.Tensor, resolution: int,
 
 
 def _image_keys(images: LabelledImages, resolution: int, show_progress: bool) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
-    keys = []
-    with tqdm(total=len(images), desc="Fingerprinting images", disable=not show_progress) as bar:
-        for start in range(0, len(images), 256):
-            keys += [image_key(preprocess(image, resolution)) for image in images.images(start, start + 256)]
-            bar.update(min(256, len(images) - start))
-    return torch.tensor(keys, dtype=torch.int64)
+    return torch.tensor([image_key(preprocess(image, resolution)) for _, image in images.all_images(show_progress)],
+                        dtype=torch.int64)
 
 
 @torch.no_grad()

@@ -150,7 +150,8 @@ def pairwise_table(records: list[dict], rho: float, key: str = "accuracy_wrn") -
     if not lines:
         return []
     return ["| target ε | difference of WRN accuracy | seeds | mean difference | "
-            "s of the difference, √(s_a²/n_a + s_b²/n_b) | verdict (counts when the absolute difference > 2 s) |", "|---|---|---|---|---|---|", *lines]
+            "s of the difference, √(s_a²/n_a + s_b²/n_b) | verdict (counts when the absolute difference > 2 s) |",
+            "|---|---|---|---|---|---|", *lines]
 
 
 def overlap_table(records: list[dict], rho: float) -> list[str]:
